@@ -6,4 +6,5 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-SPEC_DIR = os.path.join(os.path.dirname(ROOT), "shared", "spec")
+# Goldens and key lists copied from the functional specification (REFERENCE.md section 13).
+GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
