@@ -290,6 +290,18 @@ def _numpy_safe_globals():
     ]
 
 
+# Words torch's weights-only unpickler uses when it blocks a global/class (vs. a damaged file).
+_UNSAFE_MARKERS = ("GLOBAL", "Can only build", "allowlisted", "add_safe_globals")
+
+
+def _load_failure_reason(exc) -> str:
+    """The informative line of a torch.load error (the weights-only unpickler wraps it in boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith(boilerplate)]
+    return (informative or lines or ["empty or truncated file"])[0].split(". ")[0]
+
+
 def load_torch_file(path) -> dict:
     """Load a checkpoint without ever running code from it (weights_only + numpy allow-list, Q-25).
 
@@ -305,13 +317,11 @@ def load_torch_file(path) -> dict:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError/EOFError/... for bad files
-        reason = str(exc).strip().splitlines()
-        unsafe = [l for l in reason if "GLOBAL" in l or "Unsupported" in l or "allowlisted" in l]
-        detail = (unsafe or reason or [type(exc).__name__])[0].strip()
-        if unsafe:
+        detail = _load_failure_reason(exc)
+        if any(word in detail for word in _UNSAFE_MARKERS):
             raise CheckpointError(f"refusing to load {path}: it contains objects outside the allowed "
                                   f"tensor/numpy types ({detail})") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a valid torch file "
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch file "
                               f"({type(exc).__name__}: {detail})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint: expected a dict, found {type(obj).__name__}")
