@@ -1,0 +1,176 @@
+"""Metric-learning losses of the IRL / AGW / DEEN code (REFERENCE 7), vectorised and numerically safe.
+
+All losses compute in float32 (or float64 if given float64) with autocast disabled, so fp16/bf16 features
+from an autocast region neither overflow nor lose the small distances. Zero distances (identical
+features) give finite values and finite gradients. The cross-entropy part of the objectives is plain
+`torch.nn.CrossEntropyLoss()` (no label smoothing, REFERENCE 7.1).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import ConfigError
+
+
+def _no_autocast(x):
+    """Context that switches autocast off on the features' device (losses need full precision)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _full_precision(x):
+    """Half/bfloat16 features -> float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def comp_dist(a, b):
+    """Pairwise Euclidean distances D[i, j] = sqrt(max(|a_i|^2 + |b_j|^2 - 2 a_i.b_j, 1e-12)).
+
+    The clamp keeps the square root (and its gradient) finite when a_i == b_j.
+    """
+    with _no_autocast(a):
+        a, b = _full_precision(a), _full_precision(b)
+        sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2 * (a @ b.t())
+        return sq.clamp(min=1e-12).sqrt()
+
+
+def _row_norm(diff):
+    """Plain Euclidean norm of each row (no clamp, as the official code), with gradient 0 at a zero row.
+
+    sqrt'(0) = inf would turn into NaN via the chain rule; the double `where` keeps it out of the graph.
+    """
+    sq = (diff * diff).sum(1)
+    nonzero = sq > 0
+    safe_sq = torch.where(nonzero, sq, torch.ones_like(sq))
+    return torch.where(nonzero, safe_sq.sqrt(), torch.zeros_like(sq))
+
+
+def _one_hot_labels(labels, dtype):
+    """(one-hot matrix [n, K] in `dtype`, class index of each row [n]) for the sorted unique labels."""
+    _, inverse = torch.unique(labels, return_inverse=True)
+    return F.one_hot(inverse, int(inverse.max()) + 1).to(dtype), inverse
+
+
+def _class_means(onehot, x):
+    """Mean feature of every class column of `onehot` ([K, d]); classes absent from the rows get 0."""
+    counts = onehot.sum(0)
+    return (onehot.t() @ x) / counts.clamp(min=1)[:, None], counts
+
+
+def _same_label(labels):
+    return labels[:, None] == labels[None, :]
+
+
+def _masked_mean(values, mask):
+    """Row-wise mean of `values` over `mask`; 0 for rows with an empty mask (instead of NaN)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class OriTripletLoss(nn.Module):
+    """Batch-hard triplet loss: mean_i max(0, max_pos D_ij - min_neg D_ij + margin) (REFERENCE 7.3).
+
+    `batch_size` is accepted for the official constructor signature and unused. Rows without a
+    negative in the batch contribute 0.
+    """
+
+    def __init__(self, margin=0.3, *, batch_size=None):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, x, labels):
+        with _no_autocast(x):
+            dist = comp_dist(x, x)
+            same = _same_label(labels)
+            hardest_pos = torch.where(same, dist, torch.full_like(dist, -float("inf"))).amax(1)
+            hardest_neg = torch.where(same, torch.full_like(dist, float("inf")), dist).amin(1)
+            return F.relu(hardest_pos - hardest_neg + self.margin).mean()
+
+
+def _softmax_weights(dist, mask):
+    """Official AGW helper: softmax of `dist` over the mask, max taken over the masked-to-zero matrix."""
+    max_v = torch.max(dist * mask, dim=1, keepdim=True)[0]
+    exp = torch.exp(dist - max_v) * mask
+    return exp / (exp.sum(1, keepdim=True) + 1e-6)
+
+
+class TripletLoss_WRT(nn.Module):
+    """Weighted regularisation triplet (AGW default, no margin; REFERENCE 7.3).
+
+    loss = mean_i softplus(fp_i - cn_i) with softmax-weighted furthest positive fp and closest negative cn
+    (softplus == the official log(1 + exp(.)) SoftMarginLoss, without its overflow).
+    """
+
+    def forward(self, x, labels, normalize_feature=False):
+        with _no_autocast(x):
+            x = _full_precision(x)
+            if normalize_feature:
+                x = x / (x.norm(2, dim=-1, keepdim=True) + 1e-12)
+            dist = comp_dist(x, x)
+            same = _same_label(labels)
+            is_pos, is_neg = same.to(dist.dtype), (~same).to(dist.dtype)
+            dist_ap, dist_an = dist * is_pos, dist * is_neg
+            furthest_pos = (dist_ap * _softmax_weights(dist_ap, is_pos)).sum(1)
+            closest_neg = (dist_an * _softmax_weights(-dist_an, is_neg)).sum(1)
+            return F.softplus(furthest_pos - closest_neg).mean()
+
+
+class CenterTripletLoss(nn.Module):
+    """DEEN/IRL centre triplet (REFERENCE 7.3): (mean_i |x_i - c(y_i)| + mean_anchors hinge) / 2.
+
+    Anchors are rows 0, k, 2k, ...; each anchor's hinge is the mean over negative rows j of
+    max(0, margin - |c(y_i) - c(y_j)|). An anchor without negatives contributes 0.
+    """
+
+    def __init__(self, k_size=4, margin=0.7):
+        super().__init__()
+        self.k_size, self.margin = int(k_size), margin
+
+    def forward(self, x, labels):
+        with _no_autocast(x):
+            x = _full_precision(x)
+            onehot, inverse = _one_hot_labels(labels, x.dtype)
+            centers = _class_means(onehot, x)[0][inverse]          # centre of each row's class, [n, d]
+            dist_pc = _row_norm(x - centers)
+            anchors = torch.arange(0, x.shape[0], self.k_size, device=x.device)
+            center_dist = comp_dist(centers[anchors], centers)
+            negatives = ~_same_label(labels)[anchors]
+            hinge = _masked_mean(F.relu(self.margin - center_dist), negatives)
+            return (dist_pc.mean() + hinge.mean()) / 2
+
+
+class QuarCenterTripletLoss(nn.Module):
+    """QCT, the IRL objective's metric term, as the official code computes it (REFERENCE 7.2).
+
+    Rows are [RGB half | IR half] (n even, every identity present in both halves). For row i:
+      d_pc(i) = |x_i - c_other_half(y_i)|   (cross-modal centre pull, plain norm)
+      d_an(i) = mean over rows j with y_j != y_i of max(0, margin - comp_dist(x_i, c(y_j)))
+    loss = (mean d_pc + mean d_an) / 2.  The official dead `a = 0` per-view term is omitted (Q-13),
+    which gives identical values and avoids its NaN gradient at zero distance. `k_size` is unused.
+    """
+
+    def __init__(self, margin=0.7, *, k_size=4):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, x, labels):
+        n = x.shape[0]
+        if n % 2:
+            raise ConfigError(f"QuarCenterTripletLoss needs an [RGB | IR] batch of even size, got {n} rows")
+        half = n // 2
+        with _no_autocast(x):
+            x = _full_precision(x)
+            onehot, inverse = _one_hot_labels(labels, x.dtype)
+            rgb_centers, rgb_counts = _class_means(onehot[:half], x[:half])
+            ir_centers, ir_counts = _class_means(onehot[half:], x[half:])
+            if not bool(((rgb_counts > 0) & (ir_counts > 0)).all()):
+                raise ConfigError("QuarCenterTripletLoss: every identity must appear in both the RGB half "
+                                  "and the IR half of the batch (use the IdentitySampler layout)")
+            partner = torch.cat([ir_centers[inverse[:half]], rgb_centers[inverse[half:]]])
+            dist_pc = _row_norm(x - partner)
+
+            centers, counts = _class_means(onehot, x)
+            hinge = F.relu(self.margin - comp_dist(x, centers))   # [n, K]: row i vs every class centre
+            # Mean over negative *rows* j == count-weighted mean over negative classes.
+            neg_weight = counts[None, :] * (1 - onehot)
+            dist_an = (hinge * neg_weight).sum(1) / neg_weight.sum(1).clamp(min=1)
+            return (dist_pc.mean() + dist_an.mean()) / 2
