@@ -1,0 +1,365 @@
+"""Training / test datasets and transforms (REFERENCE sections 1.2-1.5, 4.3 and 5).
+
+The four channel augmentations reproduce the official classes exactly, including the order in which they
+draw from Python's `random` module (that RNG is what DataLoader workers reseed per worker). They work in
+place on *normalised* CHW tensors, as in the official chains (fill values and scaling act on normalised
+values, Q-15 / Q-16).
+
+Images are converted to RGB when they are not already (Q-02 clean fix); for the 3-channel files of the
+real datasets this is an identity, so results match the official loaders.
+"""
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import data_manager
+from data_manager import DatasetError
+from utils import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)   # ChannelRandomErasing fill (Q-15, kept)
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+SYSU_NPY_FILES = {
+    "rgb_img": "train_rgb_resized_img.npy",
+    "rgb_label": "train_rgb_resized_label.npy",
+    "ir_img": "train_ir_resized_img.npy",
+    "ir_label": "train_ir_resized_label.npy",
+}
+TRAIN_METHODS = {"irl": 4, "agw": 1}    # method -> number of views per modality-pair item
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channel augmentations (REFERENCE 5.1), in place on a normalised 3xHxW tensor
+# ---------------------------------------------------------------------------------------------------
+
+class ChannelRandomErasing:
+    """Erase one random rectangle with a per-channel constant (CAJ / IRL version).
+
+    RNG order: u; then per attempt U(sl, sh), U(r1, 1/r1); the two randints only for a fitting attempt.
+    """
+
+    def __init__(self, p=0.5, sl=0.02, sh=0.4, r1=0.3, fill=CIFAR_MEAN):
+        self.p, self.sl, self.sh, self.r1, self.fill = p, sl, sh, r1, tuple(fill)
+
+    def __call__(self, img):
+        if random.uniform(0, 1) > self.p:
+            return img
+        height, width = img.shape[1], img.shape[2]
+        area = height * width
+        for _ in range(100):
+            target_area = random.uniform(self.sl, self.sh) * area
+            aspect_ratio = random.uniform(self.r1, 1 / self.r1)
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < width and h < height:
+                top = random.randint(0, height - h)
+                left = random.randint(0, width - w)
+                for c in range(img.shape[0]):
+                    img[c, top:top + h, left:left + w] = self.fill[c]
+                return img
+        return img
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p}, sl={self.sl}, sh={self.sh}, r1={self.r1}, fill={self.fill})"
+
+
+class ChannelExchange:
+    """Replicate one randomly chosen channel: k = randint(0, gray); k < 3 copies channel k to all three.
+
+    k >= 3 (only reachable with gray >= 3) writes the weighted gray image instead. IRL uses gray=2.
+    """
+
+    def __init__(self, gray=2):
+        self.gray = gray
+
+    def __call__(self, img):
+        k = random.randint(0, self.gray)
+        if k < 3:
+            source = img[k].clone()
+        else:
+            source = _weighted_gray(img)
+        img[0], img[1], img[2] = source, source, source
+        return img
+
+    def __repr__(self):
+        return f"{type(self).__name__}(gray={self.gray})"
+
+
+class ChannelAdapGray:
+    """IRL's variant: 50 % G-replicate, else with probability p the weighted gray image (25 % / 25 %)."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        if random.randint(0, 1) == 0:
+            img[0] = img[1]
+            img[2] = img[1]
+        elif random.uniform(0, 1) <= self.p:
+            gray = _weighted_gray(img)
+            img[0], img[1], img[2] = gray, gray, gray
+        return img
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class ChannelT:
+    """"Low-light" scaling: with probability p multiply each channel by 2*U(0.01, 0.5) (factor in [0.02, 1])."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        if random.uniform(0, 1) > self.p:
+            return img
+        factors = [2 * random.uniform(0.01, 0.5) for _ in range(3)]
+        for c, factor in enumerate(factors):
+            img[c] = img[c] * factor
+        return img
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p})"
+
+
+def _weighted_gray(img):
+    return GRAY_WEIGHTS[0] * img[0] + GRAY_WEIGHTS[1] * img[1] + GRAY_WEIGHTS[2] * img[2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transform chains (REFERENCE 5.2 / 5.3)
+# ---------------------------------------------------------------------------------------------------
+
+def _normalize():
+    return T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _pad_crop_flip(img_h, img_w):
+    return [T.Pad(10), T.RandomCrop((img_h, img_w)), T.RandomHorizontalFlip()]
+
+
+def build_train_transforms(method, img_h, img_w):
+    """IRL: (T_rgb1, T_rgb2, T_ir1, T_ir2) of REFERENCE 5.2; AGW: (T,) of 5.3 (root AGW repo chain)."""
+    method = _check_method(method)
+    tensor = [T.ToTensor(), _normalize()]
+    if method == "agw":
+        return (T.Compose([T.ToPILImage(), *_pad_crop_flip(img_h, img_w), *tensor]),)
+    geometry = _pad_crop_flip(img_h, img_w)
+    return (
+        T.Compose([T.ToPILImage(), T.RandomGrayscale(p=0.5), *geometry, *tensor, ChannelRandomErasing(p=0.5)]),
+        T.Compose([T.ToPILImage(), *geometry, *tensor, ChannelRandomErasing(p=0.5), ChannelExchange(gray=2)]),
+        T.Compose([T.ToPILImage(), *geometry, *tensor, ChannelRandomErasing(p=0.5), ChannelAdapGray(p=0.5)]),
+        T.Compose([T.ToPILImage(), T.ColorJitter(brightness=0.5), *geometry, *tensor,
+                   ChannelRandomErasing(p=0.5), ChannelT(p=0.5)]),
+    )
+
+
+def build_test_transform(img_h, img_w):
+    """ToPIL -> Resize((H, W)) (a no-op on pre-resized images, REFERENCE 1.5) -> ToTensor -> Normalize."""
+    return T.Compose([T.ToPILImage(), T.Resize((img_h, img_w)), T.ToTensor(), _normalize()])
+
+
+def _check_method(method):
+    name = str(method).lower()
+    if name not in TRAIN_METHODS:
+        raise ConfigError(f"unknown method {method!r}: expected one of {sorted(TRAIN_METHODS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image loading
+# ---------------------------------------------------------------------------------------------------
+
+def load_resized_rgb(path, img_w, img_h):
+    """uint8 HxWx3 array of the image at `path`, LANCZOS-resized to (img_w, img_h) like the official code.
+
+    Unreadable / corrupt files raise DatasetError naming the file.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img.resize((img_w, img_h), Image.LANCZOS))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
+
+
+def _load_image_stack(paths, img_h, img_w):
+    """All images resized into one pre-allocated uint8 [N, H, W, 3] array (no list-then-stack copy)."""
+    stack = np.empty((len(paths), img_h, img_w, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        stack[i] = load_resized_rgb(path, img_w, img_h)
+    return stack
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training datasets
+# ---------------------------------------------------------------------------------------------------
+
+class _PairedTrainData(Dataset):
+    """RGB/IR pairs picked by the sampler plans `cIndex` / `tIndex` (set per epoch, REFERENCE 4.2-4.3).
+
+    Item k: IRL (T_rgb1(rgb), T_rgb2(rgb), T_ir1(ir), T_ir2(ir), rgb_label, ir_label) for 4 transforms,
+    AGW (T(rgb), T(ir), rgb_label, ir_label) for 1 transform; labels are numpy int64 scalars.
+    """
+
+    def __init__(self, transforms, colorIndex=None, thermalIndex=None, method=None):
+        self.transforms = _as_transform_tuple(transforms, method)
+        self.cIndex = colorIndex
+        self.tIndex = thermalIndex
+
+    def __len__(self):
+        # Official definition; the sampler (not this length) decides how many items an epoch visits.
+        return len(self.train_color_label)
+
+    def __getitem__(self, k):
+        if self.cIndex is None or self.tIndex is None:
+            raise IndexError("set cIndex/tIndex (IdentitySampler.index1/index2) before indexing the training set")
+        ci, ti = self.cIndex[k], self.tIndex[k]
+        rgb = np.asarray(self.train_color_image[ci])
+        ir = np.asarray(self.train_thermal_image[ti])
+        rgb_label, ir_label = self.train_color_label[ci], self.train_thermal_label[ti]
+        if len(self.transforms) == 1:
+            transform = self.transforms[0]
+            return transform(rgb), transform(ir), rgb_label, ir_label
+        t_rgb1, t_rgb2, t_ir1, t_ir2 = self.transforms
+        return t_rgb1(rgb), t_rgb2(rgb), t_ir1(ir), t_ir2(ir), rgb_label, ir_label
+
+
+def _as_transform_tuple(transforms, method):
+    transforms = (transforms,) if callable(transforms) else tuple(transforms)
+    if method is not None and len(transforms) != TRAIN_METHODS[_check_method(method)]:
+        raise ConfigError(f"method {method!r} needs {TRAIN_METHODS[_check_method(method)]} training "
+                          f"transforms, got {len(transforms)}")
+    if len(transforms) not in TRAIN_METHODS.values():
+        raise ConfigError(f"expected 4 (IRL) or 1 (AGW) training transforms, got {len(transforms)}")
+    return transforms
+
+
+class SYSUData(_PairedTrainData):
+    """SYSU-MM01 training set from the four pre-processed .npy files (REFERENCE 1.2), memory-mapped.
+
+    The image arrays are opened with mmap_mode="r" and never loaded whole; pickling (DataLoader workers
+    with a spawn/forkserver start method) re-opens them instead of copying gigabytes. With img_h/img_w
+    given, the stored image size is checked (IRL needs 384x192 files, AGW's script writes 288x144).
+    """
+
+    def __init__(self, data_dir, transforms, colorIndex=None, thermalIndex=None, *, img_h=None, img_w=None,
+                 method=None):
+        super().__init__(transforms, colorIndex, thermalIndex, method)
+        self.data_dir = str(data_dir)
+        self.img_h, self.img_w = img_h, img_w
+        self._open_arrays()
+
+    def _open_arrays(self):
+        arrays = {key: _open_npy(os.path.join(self.data_dir, name)) for key, name in SYSU_NPY_FILES.items()}
+        for modality in ("rgb", "ir"):
+            _check_image_array(arrays[f"{modality}_img"], arrays[f"{modality}_label"],
+                               os.path.join(self.data_dir, SYSU_NPY_FILES[f"{modality}_img"]),
+                               self.img_h, self.img_w)
+        self.train_color_image = arrays["rgb_img"]
+        self.train_thermal_image = arrays["ir_img"]
+        self.train_color_label = np.array(arrays["rgb_label"])     # small: copied into memory
+        self.train_thermal_label = np.array(arrays["ir_label"])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in ("train_color_image", "train_thermal_image", "train_color_label", "train_thermal_label"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open_arrays()
+
+
+def _open_npy(path):
+    if not os.path.isfile(path):
+        raise DatasetError(f"missing pre-processed SYSU file {path}: run `python pre_process_sysu.py "
+                           f"--data-path {os.path.dirname(path)}` first")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+
+
+def _check_image_array(images, labels, path, img_h, img_w):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise DatasetError(f"{path}: expected uint8 [N, H, W, 3] images, found {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise DatasetError(f"{path}: {images.shape[0]} images but labels of shape {labels.shape}")
+    if (img_h is not None and images.shape[1] != img_h) or (img_w is not None and images.shape[2] != img_w):
+        raise DatasetError(f"{path}: images are {images.shape[1]}x{images.shape[2]} (HxW) but {img_h}x{img_w} "
+                           f"was requested; re-run pre_process_sysu.py with --img-h {img_h} --img-w {img_w}")
+
+
+class _ListTrainData(_PairedTrainData):
+    """Training set from image lists, LANCZOS-resized to (img_w, img_h) at load and kept as uint8 HWC."""
+
+    def _load(self, rgb_paths, rgb_labels, ir_paths, ir_labels, img_h, img_w):
+        self.img_h, self.img_w = img_h, img_w
+        self.train_color_image = _load_image_stack(rgb_paths, img_h, img_w)
+        self.train_thermal_image = _load_image_stack(ir_paths, img_h, img_w)
+        self.train_color_label = np.asarray(rgb_labels, dtype=np.int64)
+        self.train_thermal_label = np.asarray(ir_labels, dtype=np.int64)
+
+
+class RegDBData(_ListTrainData):
+    """RegDB training split `trial` (1..10) from idx/train_{visible,thermal}_{trial}.txt (REFERENCE 1.3)."""
+
+    def __init__(self, data_dir, trial, transforms, img_h=384, img_w=192, colorIndex=None, thermalIndex=None,
+                 *, method=None):
+        super().__init__(transforms, colorIndex, thermalIndex, method)
+        self.data_dir, self.trial = str(data_dir), trial
+        self._load(*data_manager.regdb_training_lists(self.data_dir, trial), img_h, img_w)
+
+
+class LLCMData(_ListTrainData):
+    """LLCM training set from idx/train_vis.txt and idx/train_nir.txt (REFERENCE 1.4)."""
+
+    def __init__(self, data_dir, transforms, img_h=384, img_w=192, colorIndex=None, thermalIndex=None,
+                 *, method=None):
+        super().__init__(transforms, colorIndex, thermalIndex, method)
+        self.data_dir = str(data_dir)
+        self._load(*data_manager.llcm_training_lists(self.data_dir), img_h, img_w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test data
+# ---------------------------------------------------------------------------------------------------
+
+class TestData(Dataset):
+    """Test images loaded lazily in __getitem__ (so in DataLoader workers), not all up front.
+
+    Each image: LANCZOS resize to img_size = (w, h) as the official loader does at construction, then
+    `transform`. Returns (tensor, label).
+    """
+
+    def __init__(self, img_paths, labels, transform, img_size=(192, 384)):
+        self.img_paths = [str(p) for p in img_paths]
+        self.labels = np.asarray(labels)
+        if len(self.labels) != len(self.img_paths):
+            raise DatasetError(f"{len(self.img_paths)} test images but {len(self.labels)} labels")
+        self.transform = transform
+        self.img_w, self.img_h = img_size
+
+    def __len__(self):
+        return len(self.img_paths)
+
+    def __getitem__(self, k):
+        image = load_resized_rgb(self.img_paths[k], self.img_w, self.img_h)
+        return self.transform(image), self.labels[k]
+
+
+def make_test_loader(img_paths, labels, img_h, img_w, batch_size, workers):
+    """Ordered (no shuffle) DataLoader over TestData with the test transform."""
+    dataset = TestData(img_paths, labels, build_test_transform(img_h, img_w), img_size=(img_w, img_h))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
