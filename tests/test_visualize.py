@@ -1,0 +1,339 @@
+"""tools/visualize.py: ranked-list grids, t-SNE (numpy) and the optional-matplotlib path."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from tools import visualize as vis
+
+NUM_IDS = 6
+DIM = 8
+
+
+def _unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _write_image(path, colour):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (16, 32), colour).save(path)
+
+
+def make_features_npz(tmp_path, *, per_trial_keys=False, trials=(0, 1), protocol="regdb-trial1-v2t"):
+    """Contract-format npz: 2 infrared queries per id, 2 visible gallery images per id and trial.
+
+    Identity p has direction e_p. Query 0 (pid 0) leans towards pid 1, so its ranking starts with the two
+    pid-1 gallery images (false) followed by the two pid-0 images (true).
+    """
+    rng = np.random.default_rng(0)
+    eye = np.eye(DIM)
+    q_pids = np.repeat(np.arange(NUM_IDS), 2)
+    q_feat = eye[q_pids] + 0.01 * rng.normal(size=(len(q_pids), DIM))
+    q_feat[0] = 0.6 * eye[0] + eye[1]
+    n_trials = len(trials)
+    g_pids = np.tile(np.repeat(np.arange(NUM_IDS), 2), n_trials)
+    g_feat = eye[g_pids] + 0.01 * rng.normal(size=(len(g_pids), DIM))
+    q_paths, g_paths = [], []
+    for i, pid in enumerate(q_pids):
+        q_paths.append(str(tmp_path / "img" / f"q{i}.png"))
+        _write_image(q_paths[-1], (40 * pid, 0, 100))
+    for i, pid in enumerate(g_pids):
+        g_paths.append(str(tmp_path / "img" / f"g{i}.png"))
+        _write_image(g_paths[-1], (40 * pid, 200, 0))
+    per_trial = np.arange(len(g_pids)).reshape(n_trials, -1)
+    data = dict(protocol=np.array(protocol),
+                query_pool=_unit(q_feat).astype(np.float32), query_bn=_unit(q_feat).astype(np.float32),
+                query_pids=q_pids, query_cams=np.full(len(q_pids), 6), query_paths=np.array(q_paths),
+                query_modal=np.array(2),
+                gallery_pool=_unit(g_feat).astype(np.float32), gallery_bn=_unit(g_feat).astype(np.float32),
+                gallery_pids=g_pids, gallery_cams=np.tile([1, 4], len(g_pids) // 2),
+                gallery_paths=np.array(g_paths), gallery_modal=np.ones(len(g_pids), dtype=np.int64),
+                trials=np.array(trials))
+    if per_trial_keys:
+        data.update({f"gallery_trial{t}_indices": per_trial[i] for i, t in enumerate(trials)})
+    else:
+        data["gallery_trial_indices"] = per_trial
+    path = tmp_path / "feats.npz"
+    np.savez(path, **data)
+    return str(path), data
+
+
+def _frame_colour(img, row, col, layout=vis.GridLayout()):
+    x, y = layout.cell_origin(row, col)
+    return img.getpixel((x + 1, y + layout.border + layout.thumb_h // 2))   # left frame edge, mid-height
+
+
+def _oracle_ranking(q, g):
+    """Literal ranking: sort gallery by decreasing cosine similarity, one query at a time."""
+    scores = [float(np.dot(q, row)) for row in g]
+    return sorted(range(len(g)), key=lambda j: -scores[j])
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def test_ranks_writes_grid_of_expected_size(tmp_path, capsys):
+    feats, _ = make_features_npz(tmp_path)
+    out = tmp_path / "out"
+    assert vis.main(["ranks", "--features", feats, "--out", str(out), "--num-queries", "5", "--top-k", "4"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "ranks_regdb-trial1-v2t_trial0_bn.png")]
+    with Image.open(printed[0]) as img:
+        assert img.size == vis.GridLayout().canvas_size(5, 4)
+        assert img.size[0] > 300 and img.size[1] > 5 * 128
+
+
+def test_ranks_frames_mark_true_and_false_matches(tmp_path, capsys):
+    feats, data = make_features_npz(tmp_path)
+    out = tmp_path / "out"
+    assert vis.main(["ranks", "--features", feats, "--out", str(out), "--num-queries", "8", "--top-k", "5"]) == 0
+    png = capsys.readouterr().out.split()[0]
+    img = Image.open(png).convert("RGB")
+    # The planted query 0 is chosen (8 of 12, seeded) only if the seed picks it; check rows generically
+    # against a literal oracle, and the planted row explicitly when present.
+    chosen = vis.pick_queries(data["query_pids"], data["gallery_pids"][:12],
+                              [np.ones(12, bool)] * 12, 8, 0)
+    gal = data["gallery_bn"][data["gallery_trial_indices"][0]]
+    g_pids = data["gallery_pids"][data["gallery_trial_indices"][0]]
+    for row, qi in enumerate(chosen):
+        ranking = _oracle_ranking(data["query_bn"][qi], gal)[:5]
+        assert _frame_colour(img, row, 0) == vis.QUERY_COLOUR
+        for k, j in enumerate(ranking, start=1):
+            expected = vis.TRUE_COLOUR if g_pids[j] == data["query_pids"][qi] else vis.FALSE_COLOUR
+            assert _frame_colour(img, row, k) == expected, (qi, k)
+
+
+def test_ranks_planted_false_match_is_red_and_true_match_green(tmp_path, capsys):
+    feats, _ = make_features_npz(tmp_path)
+    out = tmp_path / "out"
+    assert vis.main(["ranks", "--features", feats, "--out", str(out), "--num-queries", "12", "--top-k", "4"]) == 0
+    pages = capsys.readouterr().out.split()
+    assert [os.path.basename(p) for p in pages] == ["ranks_regdb-trial1-v2t_trial0_bn_p0.png",
+                                                    "ranks_regdb-trial1-v2t_trial0_bn_p1.png"]
+    img = Image.open(pages[0]).convert("RGB")            # all 12 queries, sorted: row 0 is query 0
+    assert [_frame_colour(img, 0, k) for k in range(1, 5)] == [vis.FALSE_COLOUR] * 2 + [vis.TRUE_COLOUR] * 2
+    assert [_frame_colour(img, 2, k) for k in range(1, 4)] == [vis.TRUE_COLOUR] * 2 + [vis.FALSE_COLOUR]
+    assert Image.open(pages[1]).size == vis.GridLayout().canvas_size(4, 4)
+
+
+def test_ranks_thumbnails_show_the_ranked_images(tmp_path):
+    feats, data = make_features_npz(tmp_path)
+    rows = vis.ranked_rows(vis.load_features(feats), "bn", 0, 12, 4, 0)
+    img = vis.render_ranked_rows(rows, 4, "t")
+    layout = vis.GridLayout()
+    x, y = layout.cell_origin(0, 1)
+    centre = img.getpixel((x + layout.cell_w // 2, y + layout.border + layout.thumb_h // 2))
+    assert centre == (40 * 1, 200, 0)                    # rank 1 of query 0 is a pid-1 gallery image
+    assert rows[0]["first_hit"] == 3 and [r[1] for r in rows[0]["ranked"]] == [1, 1, 0, 0]
+
+
+def test_ranks_trial_selects_its_own_gallery(tmp_path):
+    feats, data = make_features_npz(tmp_path, per_trial_keys=True, trials=(3, 4))
+    loaded = vis.load_features(feats)
+    assert loaded.trials == [3, 4]
+    rows = vis.ranked_rows(loaded, "sum", loaded.trial_position(4), 3, 2, 0)
+    second_trial = set(data["gallery_paths"][12:])
+    assert all(r[0] in second_trial for row in rows for r in row["ranked"])
+
+
+def test_transposed_protocol_ranks_queries_for_each_gallery_image(tmp_path):
+    feats, data = make_features_npz(tmp_path, protocol="regdb-trial1-t2v")
+    with np.load(feats) as npz:
+        np.savez(feats, transpose=np.array(True), **dict(npz))
+    loaded = vis.load_features(feats)
+    assert loaded.transpose
+    rows = vis.ranked_rows(loaded, "bn", 0, 12, 3, 0)
+    assert {row["query_path"] for row in rows} == set(data["gallery_paths"][:12])   # trial-0 gallery
+    assert all(r[0] in set(data["query_paths"]) for row in rows for r in row["ranked"])
+    assert not vis.load_features(make_features_npz(tmp_path / "plain")[0]).transpose
+
+
+def test_ranks_unknown_trial_is_one_line_error(tmp_path, capsys):
+    feats, _ = make_features_npz(tmp_path, trials=(3, 4))
+    assert vis.main(["ranks", "--features", feats, "--out", str(tmp_path / "o"), "--trial", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: trial 7 not in") and "[3, 4]" in err
+
+
+def test_metric_exclusion_rules():
+    g_pids, g_cams = np.array([5, 5, 6, 5]), np.array([2, 1, 2, 3])
+    assert vis.excluded_gallery("sysu", 5, 3, g_pids, g_cams).tolist() == [True, False, True, False]
+    assert not vis.excluded_gallery("sysu", 5, 6, g_pids, g_cams).any()
+    assert vis.excluded_gallery("llcm", 5, 2, g_pids, g_cams).tolist() == [True, False, False, False]
+    assert not vis.excluded_gallery("regdb", 5, 2, g_pids, g_cams).any()
+
+
+def test_sysu_camera3_query_never_shows_camera2_gallery(tmp_path):
+    feats, _ = make_features_npz(tmp_path, protocol="sysu-all-single")
+    with np.load(feats) as npz:
+        data = dict(npz)
+    data["query_cams"] = np.full(12, 3)
+    data["gallery_cams"] = np.tile([2, 5], 12)
+    np.savez(feats, **data)
+    rows = vis.ranked_rows(vis.load_features(feats), "bn", 0, 12, 6, 0)
+    assert all(r[2] == 5 for row in rows for r in row["ranked"])
+    assert all(len(row["ranked"]) == 6 for row in rows)
+
+
+def test_pick_queries_skips_queries_without_true_match():
+    q_pids, g_pids = np.array([0, 1, 2, 3]), np.array([0, 2, 2])
+    keep = [np.ones(3, bool)] * 4
+    assert vis.pick_queries(q_pids, g_pids, keep, 10, 0).tolist() == [0, 2]
+    keep[2] = np.array([True, False, False])
+    assert vis.pick_queries(q_pids, g_pids, keep, 10, 0).tolist() == [0]
+
+
+def test_missing_npz_is_one_line_error(tmp_path, capsys):
+    missing = str(tmp_path / "nope.npz")
+    assert vis.main(["ranks", "--features", missing, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: features file not found: {missing}\n"
+
+
+def test_npz_without_contract_keys_is_rejected(tmp_path, capsys):
+    path = tmp_path / "other.npz"
+    np.savez(path, a=np.zeros(3))
+    assert vis.main(["ranks", "--features", str(path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "query_pool" in err and str(path) in err and err.count("\n") == 1
+
+
+def test_missing_image_is_one_line_error(tmp_path, capsys):
+    feats, data = make_features_npz(tmp_path)
+    os.remove(data["gallery_paths"][0])
+    assert vis.main(["ranks", "--features", feats, "--out", str(tmp_path / "o"), "--num-queries", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: image not found: {data['gallery_paths'][0]} (listed in {feats}); "
+                   "pass --image-root if the paths are relative\n")
+
+
+def test_image_root_resolves_relative_paths(tmp_path, capsys):
+    feats, data = make_features_npz(tmp_path)
+    with np.load(feats) as npz:
+        rel = dict(npz)
+    for key in ("query_paths", "gallery_paths"):
+        rel[key] = np.array([os.path.relpath(p, tmp_path) for p in rel[key]])
+    np.savez(feats, **rel)
+    assert vis.main(["ranks", "--features", feats, "--out", str(tmp_path / "o"), "--image-root", str(tmp_path)]) == 0
+
+
+# ----------------------------------------------------------------------------------------------- t-SNE
+def _clusters(n_per=20, k=4, dim=10, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10.0, size=(k, dim))
+    labels = np.repeat(np.arange(k), n_per)
+    return centres[labels] + rng.normal(size=(len(labels), dim)), labels
+
+
+def _nn_agreement(Y, labels):
+    d = vis.squared_distances(Y)
+    np.fill_diagonal(d, np.inf)
+    return float(np.mean(labels[d.argmin(axis=1)] == labels))
+
+
+def test_tsne_keeps_separated_clusters_separated():
+    x, labels = _clusters()
+    Y = vis.tsne(x, perplexity=10, iters=400, seed=0)
+    assert Y.shape == (len(x), 2) and np.isfinite(Y).all()
+    assert _nn_agreement(Y, labels) > 0.95
+    shuffled = np.random.default_rng(1).permutation(labels)        # the check itself can fail
+    assert _nn_agreement(Y, shuffled) < 0.6
+
+
+def test_tsne_is_deterministic_by_seed():
+    x, _ = _clusters(n_per=8, k=3)
+    a = vis.tsne(x, perplexity=5, iters=120, seed=3)
+    assert np.array_equal(a, vis.tsne(x, perplexity=5, iters=120, seed=3))
+    assert not np.allclose(a, vis.tsne(x, perplexity=5, iters=120, seed=4))
+
+
+@pytest.mark.parametrize("perplexity", [2.0, 5.0, 15.0])
+def test_perplexity_calibration_hits_target_entropy(perplexity):
+    x, _ = _clusters(n_per=10, k=3)
+    P, betas = vis.conditional_affinities(vis.squared_distances(x), perplexity)
+    assert np.allclose(np.diag(P), 0.0) and np.allclose(P.sum(axis=1), 1.0)
+    entropy = np.array([-sum(p * np.log(p) for p in row if p > 0) for row in P])   # literal per row
+    assert np.allclose(entropy, np.log(perplexity), atol=1e-4)
+    assert (betas > 0).all()
+
+
+def test_tsne_gradient_matches_literal_loop_and_finite_differences():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 4))
+    P = vis.joint_affinities(x, 2.0)
+    Y = rng.normal(size=(7, 2))
+    grad, kl = vis.tsne_gradient(P, Y), vis.tsne_kl(P, Y)
+    n = len(Y)
+    num = np.array([[1.0 / (1.0 + np.sum((Y[i] - Y[j]) ** 2)) if i != j else 0.0 for j in range(n)]
+                    for i in range(n)])
+    Q = num / num.sum()
+    literal = np.array([4 * sum((P[i, j] - Q[i, j]) * num[i, j] * (Y[i] - Y[j]) for j in range(n))
+                        for i in range(n)])
+    assert np.allclose(grad, literal, atol=1e-12)
+    assert np.isclose(kl, sum(P[i, j] * np.log(P[i, j] / Q[i, j]) for i in range(n) for j in range(n) if i != j))
+    eps, (i, d) = 1e-6, (3, 1)
+    Yp, Ym = Y.copy(), Y.copy()
+    Yp[i, d] += eps
+    Ym[i, d] -= eps
+    fd = (vis.tsne_kl(P, Yp) - vis.tsne_kl(P, Ym)) / (2 * eps)
+    assert np.isclose(fd, grad[i, d], rtol=1e-4)
+
+
+def test_tsne_rejects_impossible_perplexity():
+    with pytest.raises(ValueError, match="perplexity"):
+        vis.tsne(np.zeros((5, 3)), perplexity=10)
+
+
+def test_tsne_points_take_both_modalities_of_chosen_ids(tmp_path):
+    feats, _ = make_features_npz(tmp_path)
+    x, pids, modal = vis.tsne_points(vis.load_features(feats), "bn", 0, max_ids=3, max_points=3000, seed=0)
+    assert len(np.unique(pids)) == 3 and len(x) == 3 * 4
+    for pid in np.unique(pids):
+        assert sorted(modal[pids == pid].tolist()) == [1, 1, 2, 2]
+    x2, _, _ = vis.tsne_points(vis.load_features(feats), "bn", 0, max_ids=6, max_points=10, seed=0)
+    assert len(x2) == 10
+
+
+def test_tsne_cli_writes_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    feats, _ = make_features_npz(tmp_path)
+    out = tmp_path / "fig" / "tsne.png"
+    assert vis.main(["tsne", "--features", feats, "--out", str(out), "--iters", "250"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(out)]
+    assert "perplexity lowered" in captured.err
+    with Image.open(out) as img:
+        assert img.size[0] >= 600 and img.size[1] >= 500
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is not None and len(colours) > 20            # not a blank canvas
+
+
+# ------------------------------------------------------------------------------ optional matplotlib
+def test_tsne_without_matplotlib_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    feats, _ = make_features_npz(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert vis.main(["tsne", "--features", feats, "--out", str(tmp_path / "t.png")]) == 2
+    assert capsys.readouterr().err == "error: matplotlib is required for figures: pip install matplotlib\n"
+    assert not (tmp_path / "t.png").exists()
+    # ranked lists are drawn with Pillow alone and still work
+    assert vis.main(["ranks", "--features", feats, "--out", str(tmp_path / "o"), "--num-queries", "2"]) == 0
+
+
+def test_script_runs_standalone_without_matplotlib(tmp_path):
+    feats, _ = make_features_npz(tmp_path)
+    script = os.path.join(ROOT, "tools", "visualize.py")
+    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
+            f"sys.argv = ['visualize.py', 'tsne', '--features', {feats!r}, '--out', 'x.png']; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: matplotlib is required for figures: pip install matplotlib\n"
+
+
+def test_non_positive_counts_are_rejected(tmp_path, capsys):
+    feats, _ = make_features_npz(tmp_path)
+    assert vis.main(["ranks", "--features", feats, "--out", str(tmp_path / "o"), "--top-k", "0"]) == 2
+    assert capsys.readouterr().err == "error: --top-k must be >= 1\n"
+    assert not (tmp_path / "o").exists()
