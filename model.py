@@ -1,0 +1,589 @@
+"""IRL and AGW cross-modality re-identification models (REFERENCE 6), and official-checkpoint loading.
+
+Both models keep the official parameter names for every module they use, so an official checkpoint loads
+by dropping its known-unused entries (REFERENCE 6.2, Q-10) and a strict load of the rest. Unlike the
+official code they hold only what they use: the modality stems are conv1/bn1/ReLU/maxpool, the trunk is
+layer1..layer4, and the dead modules (sin, NAF3, local_conv, feat_bn2d, unused layerATT parts) are absent.
+"""
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import resnet
+from utils import CheckpointError, ConfigError, load_torch_file
+
+METHODS = ("irl", "agw")
+CHECKPOINT_FORMAT = "vireid-ckpt-v1"
+IRL_SIZE_MULTIPLE = 16          # output stride of layer3: the layerATT side convs need exact divisions
+OFFICIAL_NON_LOCAL_COUNTS = (2, 3)   # Non_local blocks after the last blocks of layer2 / layer3
+GEM_P = 3.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (official CLIP-style; keeps AMP stable)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Non_local(nn.Module):
+    """Non-local block without softmax: y = (theta @ phi / L) @ g (REFERENCE 6.3).
+
+    IRL uses inter_channels = C/2; the AGW baseline has inter_channels = 1 (Q-24, kept for its checkpoints).
+    """
+
+    def __init__(self, in_channels, inter_channels):
+        super().__init__()
+        self.inter_channels = inter_channels
+        self.g = nn.Sequential(nn.Conv2d(in_channels, inter_channels, 1))
+        self.W = nn.Sequential(nn.Conv2d(inter_channels, in_channels, 1), nn.BatchNorm2d(in_channels))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+        self.theta = nn.Conv2d(in_channels, inter_channels, 1)
+        self.phi = nn.Conv2d(in_channels, inter_channels, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        g = self.g(x).flatten(2).transpose(1, 2)            # [N, L, C']
+        theta = self.theta(x).flatten(2).transpose(1, 2)    # [N, L, C']
+        phi = self.phi(x).flatten(2)                        # [N, C', L]
+        # Same product as (theta @ phi / L) @ g, associated so that no L x L matrix is formed.
+        y = theta @ (phi @ g) / (h * w)
+        y = y.transpose(1, 2).reshape(n, self.inter_channels, h, w)
+        return self.W(y) + x
+
+
+class ChannelAttention(nn.Module):
+    def __init__(self, channels, ratio=8):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // ratio, 1, bias=False)
+        self.fc2 = nn.Conv2d(channels // ratio, channels, 1, bias=False)
+
+    def forward(self, x):
+        def mlp(pooled):
+            return self.fc2(F.relu(self.fc1(pooled)))
+        return torch.sigmoid(mlp(F.adaptive_avg_pool2d(x, 1)) + mlp(F.adaptive_max_pool2d(x, 1)))
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, kernel_size=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x):
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv1(pooled))
+
+
+class LPA(nn.Module):
+    """Local-patch attention (REFERENCE 6.4): CBAM on each quadrant plus CBAM on the whole map."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.ca = ChannelAttention(channels)
+        self.sa = SpatialAttention(3)
+
+    def _cbam(self, x):
+        x = self.ca(x) * x
+        return self.sa(x) * x
+
+    def forward(self, x):
+        # The four quadrants are processed as one batch: every op of _cbam is per image (the 3x3 conv's
+        # zero padding sits at the quadrant border, exactly as for a separate quadrant). Even H and W
+        # are guaranteed by the IRL input-size check.
+        n, c, h, w = x.shape
+        quads = x.reshape(n, c, 2, h // 2, 2, w // 2).permute(2, 4, 0, 1, 3, 5).reshape(4 * n, c, h // 2, w // 2)
+        quads = self._cbam(quads).reshape(2, 2, n, c, h // 2, w // 2)
+        local = quads.permute(2, 3, 0, 4, 1, 5).reshape(n, c, h, w)
+        return local + self._cbam(x)
+
+
+class layerATT(nn.Module):
+    """Cross-layer attention with channels as tokens and the flattened layer-3 map as embedding (6.5).
+
+    side: None (layerATT3: self-attention only), "ATT_narrow1" (6x6 conv, stride 4, from the stem or
+    layer1 resolution) or "ATT_narrow2" (4x4 conv, stride 2, from the layer2 resolution).
+    """
+
+    def __init__(self, channel, tokens, edim, num_heads, side=None, side_channels=None):
+        super().__init__()
+        self.ATT_narrow = nn.Conv2d(channel, tokens, 1)
+        self.ATT_broad = nn.Conv2d(tokens, channel, 1)
+        self.attn = nn.MultiheadAttention(edim, num_heads, batch_first=True)
+        self.ln_1 = LayerNorm(edim)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(edim, edim * 4)), ("gelu", QuickGELU()),
+                                              ("c_proj", nn.Linear(edim * 4, edim))]))
+        self.ln_2 = LayerNorm(edim)
+        self.side = side
+        if side is not None:
+            self.ln_1o = LayerNorm(edim)
+            kernel, stride, padding = {"ATT_narrow1": (6, 4, 2), "ATT_narrow2": (4, 2, 1)}[side]
+            self.add_module(side, nn.Conv2d(side_channels, tokens, kernel, stride, padding))
+
+    def forward(self, x, x_side=None):
+        n, _, h, w = x.shape
+        t = self.ln_1(self.ATT_narrow(x).flatten(2))                 # [N, tokens, H3*W3]
+        if self.side is None:
+            t = t + self.attn(t, t, t, need_weights=False)[0]
+        else:
+            s = self.ln_1o(getattr(self, self.side)(x_side).flatten(2))
+            t = t + 0.1 * s
+            t = t + self.attn(s, s, t, need_weights=False)[0]    # query/key from the side branch
+        t = t + self.mlp(self.ln_2(t))
+        return self.ATT_broad(t.reshape(n, -1, h, w))
+
+
+class LayerNorm2d(nn.Module):
+    """Channel LayerNorm of NAFNet (biased variance, eps 1e-6); plain autograd equals the official backward."""
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / (var + self.eps).sqrt()
+        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
+
+
+def simple_gate(x):
+    first, second = x.chunk(2, dim=1)
+    return first * second
+
+
+class NAFBlock(nn.Module):
+    """NAFNet block (REFERENCE 6.6); identity at initialisation (beta = gamma = 0)."""
+
+    def __init__(self, c, dw_expand=2, ffn_expand=2):
+        super().__init__()
+        dw, ffn = c * dw_expand, c * ffn_expand
+        self.conv1 = nn.Conv2d(c, dw, 1)
+        self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
+        self.conv3 = nn.Conv2d(dw // 2, c, 1)
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dw // 2, dw // 2, 1))
+        self.conv4 = nn.Conv2d(c, ffn, 1)
+        self.conv5 = nn.Conv2d(ffn // 2, c, 1)
+        self.norm1 = LayerNorm2d(c)
+        self.norm2 = LayerNorm2d(c)
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, inp):
+        t = simple_gate(self.conv2(self.conv1(self.norm1(inp))))
+        t = self.conv3(t * self.sca(t))
+        y = inp + self.beta * t
+        u = self.conv5(simple_gate(self.conv4(self.norm2(y))))
+        return y + self.gamma * u
+
+
+class ModalityStem(nn.Module):
+    """Official wrapper `visible_module.visible.*`: of the ResNet it held only the stem is used."""
+
+    def __init__(self, attr, stem):
+        super().__init__()
+        self.attr = attr
+        self.add_module(attr, stem)
+
+    def forward(self, x):
+        return getattr(self, self.attr)(x)
+
+
+class Trunk(nn.Module):
+    """Official wrapper `base_resnet.base.*`: of the ResNet it held only layer1..layer4 are used."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+
+def gem_pool(x, p=GEM_P):
+    """Generalised-mean pooling over the spatial positions, no clamp (inputs are >= 0 after ReLU)."""
+    return (x.flatten(2).pow(p).mean(-1) + 1e-12).pow(1.0 / p)
+
+
+def l2_normalize(x):
+    """Official Normalize: plain division by the L2 norm (no epsilon)."""
+    return x / x.pow(2).sum(1, keepdim=True).sqrt()
+
+
+def attention_heads(edim):
+    """Largest divisor of edim not above edim // 9 (official: 288 // 9 = 32 heads of 9), at least 1."""
+    return max(d for d in range(1, max(edim // 9, 1) + 1) if edim % d == 0)
+
+
+def run_stage(layer, non_locals, x):
+    """A ResNet stage with its Non_local blocks after the last len(non_locals) bottlenecks."""
+    first = len(layer) - len(non_locals)
+    for i, block in enumerate(layer):
+        x = block(x)
+        if i >= first:
+            x = non_locals[i - first](x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def _backbone_parts(arch, n_stems, pretrained):
+    """(stems, trunk): n_stems ResNet stems and one layer1..4 trunk, ImageNet-initialised if requested."""
+    path = None if pretrained is True else pretrained
+    stems = [resnet.ResNetStem() for _ in range(n_stems)]
+    trunk = resnet.build_resnet(arch, last_conv_stride=1, with_stem=False)
+    if pretrained:
+        state = resnet.imagenet_state_dict(arch, path)
+        for part in stems + [trunk]:
+            missing = [k for k in part.state_dict() if k not in state]
+            if missing:
+                raise resnet.PretrainedWeightsError(
+                    f"{path or resnet.cached_imagenet_file(arch)} does not hold {arch} ImageNet weights "
+                    f"(missing {', '.join(missing[:3])}); supply the right file with `--pretrained PATH` "
+                    "or use `--no-pretrained`")
+            part.load_state_dict({k: state[k] for k in part.state_dict()}, strict=True)
+    return stems, trunk
+
+
+class CrossModalNet(nn.Module):
+    """Common parts of IRL and AGW: modality stems, shared trunk with Non_local, GeM + BNNeck head."""
+
+    method = None
+    STEMS = ()             # (module name, attribute name) in the official registration order
+    num_views = 0
+
+    def __init__(self, num_classes, arch, img_h, img_w, pretrained, nl_inter):
+        super().__init__()
+        self.num_classes, self.arch, self.img_h, self.img_w = num_classes, arch, img_h, img_w
+        stems, trunk = _backbone_parts(arch, len(self.STEMS), pretrained)
+        for (name, attr), stem in zip(self.STEMS, stems):
+            self.add_module(name, ModalityStem(attr, stem))
+        self.base_resnet = Trunk(trunk)
+        c2, c3 = trunk.stage_channels[2], trunk.stage_channels[3]
+        n2, n3 = (min(k, len(layer)) for k, layer in zip(OFFICIAL_NON_LOCAL_COUNTS, (trunk.layer2, trunk.layer3)))
+        self.NL_2 = nn.ModuleList([Non_local(c2, nl_inter(c2)) for _ in range(n2)])
+        self.NL_3 = nn.ModuleList([Non_local(c3, nl_inter(c3)) for _ in range(n3)])
+        self.feat_dim = trunk.stage_channels[4]
+        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
+        self.bottleneck.bias.requires_grad_(False)      # BNNeck: bias frozen at 0
+        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
+        nn.init.zeros_(self.bottleneck.bias)
+        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+
+    def _head(self, x):
+        x_pool = gem_pool(x.float())
+        feat = self.bottleneck(x_pool)
+        if self.training:
+            return x_pool, self.classifier(feat)
+        return l2_normalize(x_pool), l2_normalize(feat)
+
+    def _check_modal(self, modal):
+        if modal not in (0, 1, 2):
+            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
+
+    def official_unused_keys(self):
+        """Keys an official checkpoint holds that this model does not use (REFERENCE 6.2), derived by rule."""
+        trunk_keys = list(self.base_resnet.base.state_dict())
+        stem_keys = list(resnet.ResNetStem().state_dict())
+        unused = {f"{name}.{attr}.{k}" for name, attr in self.STEMS for k in trunk_keys}
+        unused |= {f"base_resnet.base.{k}" for k in stem_keys}
+        return unused
+
+
+class IRL(CrossModalNet):
+    """IRL embed_net (REFERENCE 6.2-6.8) generalised to any ResNet and any input size multiple of 16."""
+
+    method = "irl"
+    STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"),
+             ("thermal_moduleA", "thermal"), ("visible_moduleA", "visible"))
+    num_views = 4
+
+    def __init__(self, num_classes, arch="resnet50", img_h=384, img_w=192, pretrained=None):
+        check_input_size("irl", img_h, img_w)
+        super().__init__(num_classes, arch, img_h, img_w, pretrained, nl_inter=lambda c: c // 2)
+        c = self.base_resnet.base.stage_channels
+        c3 = c[3]
+        self.delta = nn.Parameter(torch.zeros(1, c3, 1, 1))
+        edim = (img_h // IRL_SIZE_MULTIPLE) * (img_w // IRL_SIZE_MULTIPLE)
+        tokens, heads = c3 // 4, attention_heads(edim)
+        self.layerATT0 = layerATT(c3, tokens, edim, heads, "ATT_narrow1", c[0])
+        self.layerATT1 = layerATT(c3, tokens, edim, heads, "ATT_narrow1", c[1])
+        self.layerATT2 = layerATT(c3, tokens, edim, heads, "ATT_narrow2", c[2])
+        self.layerATT3 = layerATT(c3, tokens, edim, heads)
+        self.LPA0, self.LPA1, self.LPA2 = LPA(c[0]), LPA(c[1]), LPA(c[2])
+        self.NAF1, self.NAF2 = NAFBlock(c3), NAFBlock(c3)
+
+    def _check_inputs(self, *xs):
+        for x in xs:
+            if tuple(x.shape[-2:]) != (self.img_h, self.img_w):
+                h, w = x.shape[-2:]
+                raise ConfigError(f"IRL model built for {self.img_h}x{self.img_w} inputs got {h}x{w}: layerATT "
+                                  f"sizes follow the build size; resize the images or build the model with "
+                                  f"img_h={h}, img_w={w} (IRL accepts multiples of {IRL_SIZE_MULTIPLE})")
+
+    def forward(self, x_rgb1, x_rgb2, x_ir1, x_ir2, modal=0):
+        self._check_modal(modal)
+        if modal == 0:
+            self._check_inputs(x_rgb1, x_rgb2, x_ir1, x_ir2)
+            # One batch through the trunk: its BatchNorms see all four views together (REFERENCE 6.7).
+            x = torch.cat((self.visible_module(x_rgb1), self.visible_moduleA(x_rgb2),
+                           self.thermal_module(x_ir1), self.thermal_moduleA(x_ir2)), 0)
+        elif modal == 1:
+            self._check_inputs(x_rgb1, x_rgb2)
+            x = (self.visible_module(x_rgb1) + self.visible_moduleA(x_rgb2)) / 2     # Q-12
+        else:
+            self._check_inputs(x_ir1, x_ir2)
+            x = (self.thermal_module(x_ir1) + self.thermal_moduleA(x_ir2)) / 2
+        base = self.base_resnet.base
+        xlay0 = self.LPA0(x)
+        x = base.layer1(x)
+        xlay1 = self.LPA1(x)
+        x = run_stage(base.layer2, self.NL_2, x)
+        xlay2 = self.LPA2(x)
+        x3 = run_stage(base.layer3, self.NL_3, x)
+        x = self.layerATT0(x3, xlay0) + self.delta * self.NAF1(x3)
+        x = self.layerATT1(x, xlay1) + 0.3 * self.NAF2(x3)
+        x = self.layerATT2(x, xlay2)
+        x = self.layerATT3(x)
+        return self._head(base.layer4(x))
+
+    def official_unused_keys(self):
+        unused = super().official_unused_keys()
+        unused |= {"sin", "local_conv.weight"}
+        unused |= {f"feat_bn2d.{k}" for k in nn.BatchNorm2d(1).state_dict()}
+        unused |= {f"NAF3.{k}" for k in self.NAF1.state_dict()}
+        unused |= {f"{att}.{conv}.{p}" for att, conv in (("layerATT0", "ATT_narrow2"), ("layerATT1", "ATT_narrow2"),
+                                                         ("layerATT2", "ATT_narrow1"), ("layerATT3", "ATT_narrow1"),
+                                                         ("layerATT3", "ATT_narrow2"))
+                   for p in ("weight", "bias")}
+        unused |= {"layerATT3.ln_1o.weight", "layerATT3.ln_1o.bias"}
+        return unused
+
+
+class AGW(CrossModalNet):
+    """AGW cross-modality baseline (REFERENCE 6.11): two stems, Non_local with C'=1 (Q-24), GeM, BNNeck."""
+
+    method = "agw"
+    STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"))
+    num_views = 2
+
+    def __init__(self, num_classes, arch="resnet50", img_h=288, img_w=144, pretrained=None):
+        check_input_size("agw", img_h, img_w)
+        super().__init__(num_classes, arch, img_h, img_w, pretrained, nl_inter=lambda c: 1)
+
+    def forward(self, x_rgb, x_ir, modal=0):
+        self._check_modal(modal)
+        if modal == 0:
+            x = torch.cat((self.visible_module(x_rgb), self.thermal_module(x_ir)), 0)
+        elif modal == 1:
+            x = self.visible_module(x_rgb)
+        else:
+            x = self.thermal_module(x_ir)
+        base = self.base_resnet.base
+        x = base.layer1(x)
+        x = run_stage(base.layer2, self.NL_2, x)
+        x = run_stage(base.layer3, self.NL_3, x)
+        return self._head(base.layer4(x))
+
+
+MODELS = {"irl": IRL, "agw": AGW}
+
+
+def check_input_size(method, img_h, img_w):
+    """ConfigError unless the size suits the method: IRL multiples of 16 (layerATT), AGW any positive size."""
+    if not all(isinstance(v, int) and v > 0 for v in (img_h, img_w)):
+        raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
+    if method == "irl" and (img_h % IRL_SIZE_MULTIPLE or img_w % IRL_SIZE_MULTIPLE):
+        raise ConfigError(f"IRL needs image height and width that are multiples of {IRL_SIZE_MULTIPLE} "
+                          f"(e.g. 384x192, 256x128, 128x64), got {img_h}x{img_w}")
+
+
+def build_model(method, num_classes, arch="resnet50", img_h=384, img_w=192, pretrained=None):
+    """IRL or AGW model. pretrained: None/False = random init (a checkpoint will overwrite it), True =
+    torchvision's cached IMAGENET1K_V1 (else resnet.PretrainedWeightsError), str = local weights file."""
+    if method not in MODELS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if arch not in resnet.ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(resnet.ARCHS)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return MODELS[method](num_classes, arch=arch, img_h=img_h, img_w=img_w, pretrained=pretrained)
+
+
+def unwrap(model):
+    """The model inside a DataParallel/DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def forward_views(model, views):
+    """Training forward for both methods: IRL takes 4 views (rgb1, rgb2, ir1, ir2), AGW 2 (rgb, ir)."""
+    net = unwrap(model)
+    if len(views) != net.num_views:
+        raise ConfigError(f"{net.method.upper()} takes {net.num_views} views per batch, got {len(views)}")
+    return model(*views, modal=0)
+
+
+def extract_features(model, loader, modal, device, *, channels_last=False, progress=True):
+    """(pool, bn) float64 features [N, C] (L2-normalised) of every loader image, in loader order.
+
+    Eval mode, inference mode, float32. The same image goes to every stem (official test protocol,
+    IRL averages its two stems of `modal`). channels_last also converts the model; its train/eval
+    mode is restored afterwards.
+    """
+    if modal not in (1, 2):
+        raise ConfigError(f"modal must be 1 (visible) or 2 (thermal), got {modal!r}")
+    net = unwrap(model)
+    device = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    was_training = net.training
+    net.eval()
+    pools, bns = [], []
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            for imgs, _ in tqdm(loader, desc=f"features modal {modal}", disable=not progress, leave=False):
+                x = imgs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                pool, bn = net(*([x] * net.num_views), modal=modal)
+                pools.append(pool.double().cpu().numpy())
+                bns.append(bn.double().cpu().numpy())
+    finally:
+        net.train(was_training)
+    if not pools:
+        empty = np.zeros((0, net.feat_dim))
+        return empty, empty.copy()
+    return np.concatenate(pools), np.concatenate(bns)
+
+
+def param_groups(model, lr):
+    """SGD groups of REFERENCE 8.2: backbone (everything else) 0.1*lr, bottleneck lr, classifier lr.
+
+    Only trainable parameters are listed (the frozen BNNeck bias gets no gradient either way).
+    """
+    net = unwrap(model)
+    head = {id(p) for p in net.bottleneck.parameters()} | {id(p) for p in net.classifier.parameters()}
+    backbone = [p for p in net.parameters() if p.requires_grad and id(p) not in head]
+    return [{"params": backbone, "lr": 0.1 * lr, "name": "backbone"},
+            {"params": [p for p in net.bottleneck.parameters() if p.requires_grad], "lr": lr, "name": "bottleneck"},
+            {"params": [p for p in net.classifier.parameters() if p.requires_grad], "lr": lr, "name": "classifier"}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _plain(value):
+    """numpy/torch values of official checkpoints -> plain Python (floats, lists)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _split_checkpoint(ckpt, source):
+    """(state_dict, metadata) of our, official or bare-state-dict checkpoints."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{source} is not a checkpoint: expected a dict, found {type(ckpt).__name__}")
+    if "format" in ckpt:
+        if ckpt["format"] != CHECKPOINT_FORMAT or not isinstance(ckpt.get("model"), dict):
+            raise CheckpointError(f"{source}: unknown checkpoint format {ckpt['format']!r} "
+                                  f"(expected {CHECKPOINT_FORMAT!r} with a 'model' state dict)")
+        meta = {k: ckpt.get(k) for k in ("epoch", "config", "best_metric", "best_epoch", "metrics")}
+        return ckpt["model"], {"format": CHECKPOINT_FORMAT, **meta}
+    if isinstance(ckpt.get("net"), dict):
+        meta = {k: _plain(ckpt[k]) for k in ("epoch", "cmc", "mAP", "mINP") if k in ckpt}
+        return ckpt["net"], {"format": "official", "config": None, **meta}
+    if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return ckpt, {"format": "state_dict", "epoch": None, "config": None}
+    raise CheckpointError(f"{source} is not a model checkpoint: expected ours ('format', 'model'), an official "
+                          f"one ('net', 'epoch', ...) or a state dict; found keys {sorted(map(str, ckpt))[:8]}")
+
+
+def _strip_module_prefix(state):
+    """Drop the `module.` prefix DataParallel/DDP put on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _preview(keys, limit=5):
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _check_state(net, state, fmt, source):
+    """CheckpointError naming missing/unexpected keys and shape mismatches, unless `state` fits `net`.
+
+    Official checkpoints must carry exactly the known unused entries on top of ours; our own
+    checkpoints none; a bare state dict either.
+    """
+    ours = net.state_dict()
+    extra = set(state) - set(ours)
+    unused = net.official_unused_keys()
+    if fmt == "official" or (fmt == "state_dict" and extra and extra <= unused):
+        missing = [k for k in ours if k not in state] + sorted(unused - extra)
+        unexpected = extra - unused
+    else:
+        missing, unexpected = [k for k in ours if k not in state], extra
+    mismatched = [k for k in ours if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys: {_preview(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} checkpoint {list(state[k].shape)} vs model {list(ours[k].shape)}" for k in mismatched[:5]]
+        problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(shapes)}")
+        if "classifier.weight" in mismatched:
+            problems.append(f"checkpoint has {state['classifier.weight'].shape[0]} classes, "
+                            f"model has {net.num_classes}")
+        if any(k.startswith("layerATT") for k in mismatched):
+            problems.append("layerATT shapes follow the input size: build the model with the checkpoint's "
+                            "img_h/img_w")
+    raise CheckpointError(f"{source} does not fit the {net.method.upper()} {net.arch} model "
+                          f"({net.img_h}x{net.img_w}, {net.num_classes} classes): " + "; ".join(problems))
+
+
+def load_checkpoint(model, path_or_state):
+    """Load our checkpoint, an official IRL/AGW one or a bare state dict into `model`; returns metadata.
+
+    metadata: format ('vireid-ckpt-v1' | 'official' | 'state_dict'), epoch, config (ours) and cmc/mAP/mINP
+    (official, as plain Python numbers). Mismatches raise utils.CheckpointError before anything is loaded.
+    """
+    net = unwrap(model)
+    if isinstance(path_or_state, (str, os.PathLike)):
+        source = os.fspath(path_or_state)
+        ckpt = load_torch_file(source)   # weights_only + numpy allow-list: never runs checkpoint code
+    else:
+        source, ckpt = "checkpoint", path_or_state
+    state, meta = _split_checkpoint(ckpt, source)
+    config = meta.get("config") or {}
+    for field in ("method", "arch"):
+        if field in config and config[field] != getattr(net, field):
+            raise CheckpointError(f"{source} holds a {config.get('method')} {config.get('arch')} model, "
+                                  f"this model is {net.method} {net.arch}")
+    state = _strip_module_prefix(state)
+    _check_state(net, state, meta["format"], source)
+    net.load_state_dict({k: state[k] for k in net.state_dict()}, strict=True)
+    return meta
+
