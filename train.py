@@ -1,0 +1,653 @@
+"""Train IRL (ACM MM 2025) or the AGW baseline for visible-infrared person re-identification.
+
+    python train.py --dataset sysu --gpu 0                       # official IRL recipe (REFERENCE 8, 11.1)
+    python train.py --dataset regdb --trial 3 --method agw       # AGW baseline, RegDB split 3
+    torchrun --nproc_per_node 2 train.py --dataset llcm          # DistributedDataParallel
+
+Flags left unset take the chosen method's official defaults; the effective configuration is printed
+at start. Checkpoints (`<suffix>_last.pth` every epoch, `<suffix>_best.pth`, `<suffix>_epoch_<e>.pth`)
+hold everything needed for `--resume PATH` to continue exactly where a run stopped.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data_loader
+import data_manager
+import eval_metrics
+import loss as losses
+import model as models
+import resnet
+import utils
+
+DATASETS = ("sysu", "regdb", "llcm")
+DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/", "llcm": "./dataset/LLCM/"}
+
+# Official recipes. IRL: its train.py (REFERENCE 8.5 / 11.1). AGW: the cross-modality baseline repository
+# (train.py defaults: 288x144, 8 ids x 4, lr 0.1 with its own warmup/step schedule, CE + weighted
+# regularisation triplet, epochs 0..80, no AMP, evaluation every second epoch).
+METHOD_DEFAULTS = {
+    "irl": dict(img_h=384, img_w=192, batch_size=6, num_pos=4, lr=0.1, epochs=150, loss_tri="QCT",
+                margin=0.7, lr_scheduler="step", warmup_epochs=10, milestones=[25, 90, 120],
+                eval_every=1, amp=True),
+    "agw": dict(img_h=288, img_w=144, batch_size=8, num_pos=4, lr=0.1, epochs=81, loss_tri="WRT",
+                margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50],
+                eval_every=2, amp=False),
+}
+COMMON_DEFAULTS = dict(dataset="sysu", method="irl", arch="resnet50", optim="SGD", trial=1, seed=0,
+                       save_epoch=20, test_batch=64, workers=4, mode="all", model_path="result/",
+                       log_path="result/", gpu="0", device=None, pretrained=True, val=False)
+# A resumed run must keep these; anything else (paths, workers, device, ...) may change.
+RESUME_LOCKED = ("dataset", "method", "arch", "img_h", "img_w", "batch_size", "num_pos", "lr", "epochs",
+                 "loss_tri", "margin", "lr_scheduler", "warmup_epochs", "milestones", "optim", "seed",
+                 "trial", "val", "mode")
+SELECTION_RULES = {
+    False: "test-set selection (Q-22): BN-feature Rank-1 on the trial-0 test gallery",
+    True: "validation selection (--val): BN-feature Rank-1 on held-out training identities",
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line and configuration
+# --------------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    # Official flags (names as in the IRL repository). Defaults of None are filled per method.
+    add("--dataset", choices=DATASETS, help="sysu | regdb | llcm (default sysu)")
+    add("--lr", type=float, help="base LR of the heads; the backbone group uses 0.1x (default 0.1)")
+    add("--optim", help="optimizer; only SGD is implemented (Q-18)")
+    add("--batch-size", dest="batch_size", type=int, help="identities per batch B (IRL 6, AGW 8)")
+    add("--num_pos", type=int, help="images per identity and modality P (default 4)")
+    add("--img_h", type=int, help="input height (IRL 384, AGW 288)")
+    add("--img_w", type=int, help="input width (IRL 192, AGW 144)")
+    add("--trial", type=int, help="RegDB split 1..10 (default 1)")
+    add("--seed", type=int, help="random seed (default 0)")
+    add("--gpu", help="CUDA device index (default 0)")
+    add("--resume", help="continue from this checkpoint (our <suffix>_last.pth)")
+    add("--model_path", help="checkpoint folder (default result/)")
+    add("--log_path", help="log folder (default result/)")
+    add("--save_epoch", type=int, help="periodic checkpoint every N epochs (default 20)")
+    add("--test-batch", dest="test_batch", type=int, help="evaluation batch size (default 64)")
+    add("--workers", type=int, help="data loader workers (default 4)")
+    add("--margin", type=float, help="OriTriplet margin (IRL 0.7, AGW 0.3); QCT uses 0.7 fixed")
+    add("--loss_tri", choices=("QCT", "WRT", "OriTriplet"), help="metric loss (IRL QCT, AGW WRT)")
+    add("--lr_scheduler", choices=utils.LR_MODES + ("agw",), help="IRL step (warmup + x0.1), AGW agw")
+    add("--mode", choices=("all", "indoor"), help="SYSU search mode used for evaluation (default all)")
+    # Extensions.
+    add("--data-path", dest="data_path", help="dataset root (default ./dataset/SYSU-MM01/, ./dataset/RegDB/, "
+                                              "./dataset/LLCM/)")
+    add("--method", choices=tuple(METHOD_DEFAULTS), help="irl (default) or agw")
+    add("--arch", choices=("resnet50", "resnet18", "resnet34"), help="backbone (default resnet50)")
+    add("--epochs", type=int, help="total epochs (IRL 150, AGW 81)")
+    add("--warmup-epochs", dest="warmup_epochs", type=int, help="LR warmup epochs of the IRL schedule (10)")
+    add("--milestones", type=int, nargs="+", help="x0.1 LR steps of the IRL step schedule (25 90 120)")
+    add("--pretrained", metavar="PATH", help="ImageNet weights file (default: torchvision cache)")
+    add("--no-pretrained", dest="pretrained", action="store_const", const=False,
+        help="random initialisation (no ImageNet weights)")
+    add("--eval-every", dest="eval_every", type=int, help="evaluate after epochs e>0 with e %% N == 0 "
+                                                         "and after the last epoch (IRL 1, AGW 2)")
+    add("--amp", action=argparse.BooleanOptionalAction, help="fp16 autocast + GradScaler (CUDA only; "
+                                                            "IRL on, AGW off)")
+    add("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    add("--val", action="store_true", default=None,
+        help="select the best checkpoint on held-out training identities instead of the test set")
+    return p
+
+
+def resolve_config(args, saved=None):
+    """Effective config: explicit flag > resumed checkpoint > method default > common default.
+
+    Returns (config, sources) where sources[key] says where each value came from.
+    """
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    if saved:
+        clashes = [f"{k}={saved.get(k)!r} (checkpoint) vs {given[k]!r} (flag)"
+                   for k in RESUME_LOCKED if k in given and k in saved and _differs(given[k], saved[k])]
+        if clashes:
+            raise utils.ConfigError(f"cannot resume {args.resume}: it was trained with a different "
+                                    f"configuration: {'; '.join(clashes)}")
+    method = given.get("method") or (saved or {}).get("method") or COMMON_DEFAULTS["method"]
+    config, sources = {}, {}
+    layers = [("flag", given), ("checkpoint", saved or {}), (f"{method} default", METHOD_DEFAULTS[method]),
+              ("default", COMMON_DEFAULTS)]
+    for key in list(vars(args)) + list(METHOD_DEFAULTS[method]):
+        if key in config or key == "resume":
+            continue
+        for source, values in layers:
+            if values.get(key) is not None:
+                config[key], sources[key] = values[key], source
+                break
+        else:
+            config[key], sources[key] = None, "default"
+    if config["data_path"] is None:
+        config["data_path"], sources["data_path"] = DEFAULT_DATA_PATHS[config["dataset"]], "default"
+    config["resume"] = args.resume
+    validate_config(config)
+    return config, sources
+
+
+def _differs(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return not math.isclose(float(a), float(b))
+    return a != b
+
+
+def validate_config(config):
+    if str(config["optim"]).upper() != "SGD":
+        raise utils.ConfigError(f"--optim {config['optim']}: only SGD is implemented (the official Adam "
+                                f"variants crash, Q-18)")
+    for key in ("batch_size", "num_pos", "epochs", "eval_every", "save_epoch", "test_batch"):
+        if int(config[key]) < 1:
+            raise utils.ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if int(config["workers"]) < 0:
+        raise utils.ConfigError(f"--workers must be >= 0, got {config['workers']}")
+    if config["dataset"] == "regdb" and not 1 <= int(config["trial"]) <= 10:
+        raise utils.ConfigError(f"--trial must be in 1..10 for RegDB, got {config['trial']}")
+
+
+def run_suffix(config):
+    """File-name stem like the official one, e.g. sysu_irl_p4_n6_lr_0.1_seed_0 (+ _val, + _trial_<t>)."""
+    suffix = (f"{config['dataset']}_{config['method']}_p{config['num_pos']}_n{config['batch_size']}"
+              f"_lr_{config['lr']}_seed_{config['seed']}")
+    if config["val"]:
+        suffix += "_val"
+    if config["dataset"] == "regdb":
+        suffix += f"_trial_{config['trial']}"
+    return suffix
+
+
+def config_table(config, sources):
+    rows = [{"setting": k, "value": json.dumps(config[k]) if isinstance(config[k], list) else config[k],
+             "source": sources.get(k, "derived")} for k in sorted(config)]
+    return utils.format_table(rows, ["setting", "value", "source"], title="Effective configuration",
+                              float_fmt="{:g}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+class TrainData:
+    """The training dataset plus the sampler inputs (labels and per-identity positions)."""
+
+    def __init__(self, dataset, rgb_labels, ir_labels, rgb_keep=None, ir_keep=None):
+        self.dataset = dataset
+        # Training identities, relabelled 0..K-1 (identity unless --val held some out).
+        rgb_keep = np.arange(len(rgb_labels)) if rgb_keep is None else rgb_keep
+        ir_keep = np.arange(len(ir_labels)) if ir_keep is None else ir_keep
+        kept_ids = np.unique(np.asarray(rgb_labels)[rgb_keep])
+        self.label_map = np.full(int(max(np.max(rgb_labels), np.max(ir_labels))) + 1, -1, dtype=np.int64)
+        self.label_map[kept_ids] = np.arange(len(kept_ids))
+        self.rgb_labels = self.label_map[np.asarray(rgb_labels)[rgb_keep]]
+        self.ir_labels = self.label_map[np.asarray(ir_labels)[ir_keep]]
+        color_pos, thermal_pos = utils.GenIdx(self.rgb_labels, self.ir_labels)
+        self.color_pos = [rgb_keep[p] for p in color_pos]      # positions into the full arrays
+        self.thermal_pos = [ir_keep[p] for p in thermal_pos]
+        self.num_classes = len(kept_ids)
+
+
+def build_train_data(config):
+    """Training set and (for --val) the held-out identities' evaluation protocol."""
+    root, dataset, method = config["data_path"], config["dataset"], config["method"]
+    transforms = data_loader.build_train_transforms(method, config["img_h"], config["img_w"])
+    if dataset == "sysu":
+        trainset = data_loader.SYSUData(root, transforms, img_h=config["img_h"], img_w=config["img_w"],
+                                        method=method)
+    elif dataset == "regdb":
+        trainset = data_loader.RegDBData(root, config["trial"], transforms, img_h=config["img_h"],
+                                         img_w=config["img_w"], method=method)
+    else:
+        trainset = data_loader.LLCMData(root, transforms, img_h=config["img_h"], img_w=config["img_w"],
+                                        method=method)
+    rgb_labels = np.asarray(trainset.train_color_label)
+    ir_labels = np.asarray(trainset.train_thermal_label)
+    if not config["val"]:
+        return TrainData(trainset, rgb_labels, ir_labels), None
+    val_labels = held_out_labels(config, rgb_labels)
+    rgb_keep = np.flatnonzero(~np.isin(rgb_labels, val_labels))
+    ir_keep = np.flatnonzero(~np.isin(ir_labels, val_labels))
+    if len(np.unique(rgb_labels[rgb_keep])) < config["batch_size"]:
+        raise utils.ConfigError(f"--val leaves {len(np.unique(rgb_labels[rgb_keep]))} training identities, "
+                                f"fewer than --batch-size {config['batch_size']}")
+    return (TrainData(trainset, rgb_labels, ir_labels, rgb_keep, ir_keep),
+            validation_protocol(config, val_labels))
+
+
+def held_out_labels(config, rgb_labels):
+    """Training labels used for validation: SYSU exp/val_id.txt; RegDB/LLCM a deterministic 10%."""
+    if config["dataset"] == "sysu":
+        rgb_files, ir_files = data_manager.sysu_training_files(config["data_path"], use_val=True)
+        if len(rgb_files) != len(rgb_labels):
+            raise data_manager.DatasetError(
+                f"the preprocessed .npy files in {config['data_path']} hold {len(rgb_labels)} RGB images but "
+                f"exp/train_id.txt + val_id.txt list {len(rgb_files)}: re-run pre_process_sysu.py")
+        file_labels, _ = data_manager.sysu_training_labels(rgb_files, ir_files)
+        val_pids = set(data_manager.sysu_val_ids(config["data_path"]))
+        return np.unique([label for label, f in zip(file_labels, rgb_files)
+                          if data_manager.parse_cam_pid(f)[1] in val_pids])
+    ids = np.unique(rgb_labels)
+    return ids[9::10] if len(ids) >= 20 else ids[1::3]   # spread over the id range; >= 2 ids when tiny
+
+
+def validation_protocol(config, val_labels):
+    """Held-out identities: query = their IR images, gallery = their visible images (one trial)."""
+    root = config["data_path"]
+    if config["dataset"] == "sysu":
+        val_ids = data_manager.sysu_val_ids(root)
+        query, _ = data_manager.gallery_candidates(
+            data_manager.list_identity_folders(root, val_ids, data_manager.SYSU_IR_CAMS))
+        gallery, sizes = data_manager.gallery_candidates(
+            data_manager.list_identity_folders(root, val_ids, data_manager.SYSU_RGB_CAMS))
+        q_cams, q_pids = (np.array(v, dtype=np.int64) for v in zip(*map(data_manager.parse_cam_pid, query)))
+        g_cams, g_pids = (np.array(v, dtype=np.int64) for v in zip(*map(data_manager.parse_cam_pid, gallery)))
+        return data_manager.TestProtocol(
+            name="sysu-val", metric="sysu", query_paths=query, query_pids=q_pids, query_cams=q_cams,
+            query_modal=2, gallery_paths=gallery, gallery_pids=g_pids, gallery_cams=g_cams, gallery_modal=1,
+            trial_indices=[data_manager.sample_gallery_indices(sizes, trial=0, shots=1)], trials=[0])
+    if config["dataset"] == "regdb":
+        rgb_paths, rgb_labels, ir_paths, ir_labels = data_manager.regdb_training_lists(root, config["trial"])
+    else:
+        rgb_paths, rgb_labels, ir_paths, ir_labels = data_manager.llcm_training_lists(root)
+    q = np.flatnonzero(np.isin(ir_labels, val_labels))
+    g = np.flatnonzero(np.isin(rgb_labels, val_labels))
+    return data_manager.TestProtocol(
+        name=f"{config['dataset']}-val", metric="regdb",
+        query_paths=[ir_paths[i] for i in q], query_pids=np.asarray(ir_labels)[q], query_cams=np.full(len(q), 2),
+        query_modal=2, gallery_paths=[rgb_paths[i] for i in g], gallery_pids=np.asarray(rgb_labels)[g],
+        gallery_cams=np.full(len(g), 1), gallery_modal=1, trial_indices=[np.arange(len(g))], trials=[0])
+
+
+def test_protocol(config):
+    """The faithful training-time evaluation split: trial-0 gallery of the test set (REFERENCE 2)."""
+    root = config["data_path"]
+    if config["dataset"] == "sysu":
+        protocol = data_manager.sysu_protocol(root, mode=config["mode"], trials=[0])
+    elif config["dataset"] == "regdb":
+        protocol = data_manager.regdb_protocol(root, config["trial"])
+    else:
+        protocol = data_manager.llcm_protocol(root, direction="ir2vis", trials=[0])
+    return restrict_gallery(protocol)
+
+
+def restrict_gallery(protocol):
+    """Keep only the gallery images some trial uses, so each is extracted once."""
+    used = np.unique(np.concatenate([np.asarray(t, dtype=np.int64) for t in protocol.trial_indices]))
+    position = {int(i): k for k, i in enumerate(used)}
+    pick = lambda values: [values[i] for i in used] if isinstance(values, list) else np.asarray(values)[used]
+    return replace(protocol, gallery_paths=pick(list(protocol.gallery_paths)),
+                   gallery_pids=pick(protocol.gallery_pids), gallery_cams=pick(protocol.gallery_cams),
+                   trial_indices=[np.array([position[int(i)] for i in t], dtype=np.int64)
+                                  for t in protocol.trial_indices])
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, optimisation, losses
+# --------------------------------------------------------------------------------------------------
+
+def pretrained_arg(config, resuming):
+    """What build_model loads: nothing when a checkpoint overwrites every weight."""
+    if resuming or config["pretrained"] is False:
+        return None
+    return config["pretrained"]
+
+
+def lr_schedule(config):
+    if config["lr_scheduler"] == "agw":
+        return utils.agw_lr_factor
+    return functools.partial(utils.lr_factor, mode=config["lr_scheduler"], milestones=tuple(config["milestones"]),
+                             warmup_epochs=config["warmup_epochs"], total_epochs=config["epochs"])
+
+
+def build_criteria(config):
+    if config["loss_tri"] == "QCT":
+        metric = losses.QuarCenterTripletLoss(margin=0.7)   # margin hard-coded officially (REFERENCE 7.2)
+    elif config["loss_tri"] == "WRT":
+        metric = losses.TripletLoss_WRT()
+    else:
+        metric = losses.OriTripletLoss(margin=config["margin"])
+    return nn.CrossEntropyLoss(), metric
+
+
+def training_loss(criteria, pool, logits, labels):
+    """(total, id, metric): CE on the BN-neck logits + metric loss on the pooled features (REFERENCE 7.1)."""
+    id_loss = criteria[0](logits.float(), labels)
+    metric_loss = criteria[1](pool.float(), labels)
+    return id_loss + metric_loss, id_loss, metric_loss
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state (plain Python/torch types only, so checkpoints load with weights_only=True)
+# --------------------------------------------------------------------------------------------------
+
+def capture_rng_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain(obj):
+    """numpy scalars/arrays -> Python floats/lists (checkpoints and JSON hold no numpy objects)."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------------
+
+def init_distributed(config):
+    """(world_size, rank, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 1, 0, utils.resolve_device(config["device"], config["gpu"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = utils.resolve_device(config["device"], local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return world_size, rank, device
+
+
+def any_rank_true(flag, world_size):
+    if world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+class Run:
+    """Everything one training run holds (built once, mutated epoch by epoch)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def train_one_epoch(run, epoch):
+    cfg, data = run.config, run.data
+    sampler = utils.IdentitySampler(data.rgb_labels, data.ir_labels, data.color_pos, data.thermal_pos,
+                                    cfg["num_pos"], cfg["batch_size"], epoch,
+                                    num_replicas=run.world_size, rank=run.rank)
+    data.dataset.cIndex, data.dataset.tIndex = sampler.index1, sampler.index2
+    loader = DataLoader(data.dataset, batch_size=cfg["batch_size"] * cfg["num_pos"], sampler=sampler,
+                        num_workers=cfg["workers"], drop_last=True, pin_memory=run.device.type == "cuda")
+    label_map = torch.from_numpy(data.label_map)
+    meters = {k: utils.AverageMeter() for k in ("loss", "id_loss", "tri_loss", "acc")}
+    run.net.train()
+    lr = run.optimizer.param_groups[0]["lr"]
+    # Progress bar with ETA on an interactive terminal; logs and pipes get the per-epoch line only.
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs'] - 1}", leave=False, dynamic_ncols=True,
+               disable=run.rank != 0 or not sys.stderr.isatty())
+    for step, batch in enumerate(bar):
+        *views, l_rgb, l_ir = batch
+        l_rgb, l_ir = label_map[l_rgb.long()], label_map[l_ir.long()]
+        labels = torch.cat([l_rgb, l_rgb, l_ir, l_ir] if len(views) == 4 else [l_rgb, l_ir]).to(run.device)
+        views = [v.to(run.device, non_blocking=True) for v in views]
+        with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=run.use_amp):
+            pool, logits = models.forward_views(run.net, views)
+            total, id_loss, tri_loss = training_loss(run.criteria, pool, logits, labels)
+        if any_rank_true(not torch.isfinite(total.detach()).item(), run.world_size):
+            raise NonFiniteLossError(f"training loss is {total.item()} at epoch {epoch}, batch {step}: stopped "
+                                     f"without saving; last good checkpoint: {run.last_good or 'none yet'}")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(total).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        n = labels.numel()
+        meters["loss"].update(total.item(), n)
+        meters["id_loss"].update(id_loss.item(), n)
+        meters["tri_loss"].update(tri_loss.item(), n)
+        meters["acc"].update((logits.argmax(1) == labels).float().mean().item(), n)
+        bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{100 * meters['acc'].avg:.1f}%")
+    bar.close()
+    return {"lr": lr, **{k: m.avg for k, m in meters.items()}, "batches": len(loader)}
+
+
+def extract(net, paths, pids, modal, cfg, device):
+    loader = data_loader.make_test_loader(list(paths), np.asarray(pids), cfg["img_h"], cfg["img_w"],
+                                          cfg["test_batch"], cfg["workers"])
+    pool, bn = models.extract_features(net, loader, modal, device, progress=False)
+    return {"pool": pool, "bn": bn}
+
+
+def evaluate(run):
+    p = run.protocol
+    query = extract(run.bare_net, p.query_paths, p.query_pids, p.query_modal, run.config, run.device)
+    gallery = extract(run.bare_net, p.gallery_paths, p.gallery_pids, p.gallery_modal, run.config, run.device)
+    return plain(eval_metrics.evaluate_protocol(query, gallery, p, modes=("bn", "pool")))
+
+
+def summary_line(result):
+    parts = []
+    for mode, label in (("bn", "BN/FC"), ("pool", "POOL")):
+        m = result["mean"][mode]
+        parts.append(f"{label}: Rank-1 {100 * m['cmc'][0]:.2f}% Rank-10 {100 * m['cmc'][9]:.2f}% "
+                     f"mAP {100 * m['mAP']:.2f}% mINP {100 * m['mINP']:.2f}%")
+    return " | ".join(parts)
+
+
+def checkpoint_state(run, epoch, metrics):
+    return {"format": models.CHECKPOINT_FORMAT, "model": run.bare_net.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+            "best_metric": run.best_metric, "best_epoch": run.best_epoch, "rng": capture_rng_state(),
+            "config": dict(run.config), "metrics": metrics}
+
+
+def due_for_evaluation(cfg, epoch):
+    return (epoch > 0 and epoch % cfg["eval_every"] == 0) or epoch == cfg["epochs"] - 1
+
+
+def end_of_epoch(run, epoch, stats):
+    """Evaluate (rank 0), then save best / periodic / last checkpoints and the metrics line."""
+    cfg, log = run.config, run.log
+    record = {"epoch": epoch, **stats, "eval": None, "selection": SELECTION_RULES[cfg["val"]]}
+    if due_for_evaluation(cfg, epoch):
+        start = time.time()
+        result = evaluate(run)
+        record["eval"] = {mode: result["mean"][mode] for mode in ("bn", "pool")}
+        record["eval_seconds"] = round(time.time() - start, 2)
+        log.info(f"Eval epoch {epoch} on {run.protocol.name}: {summary_line(result)}")
+        rank1 = result["mean"]["bn"]["cmc"][0]
+        if rank1 > run.best_metric:      # first evaluation always sets a best (Q-29)
+            run.best_metric, run.best_epoch = rank1, epoch
+            utils.save_checkpoint_atomic(checkpoint_state(run, epoch, record), run.paths["best"])
+            log.info(f"New best checkpoint (epoch {epoch}, BN Rank-1 {100 * rank1:.2f}%; "
+                     f"{SELECTION_RULES[cfg['val']]}): {run.paths['best']}")
+    record.update(best_metric=run.best_metric, best_epoch=run.best_epoch)
+    state = checkpoint_state(run, epoch, record)
+    if epoch > 0 and epoch % cfg["save_epoch"] == 0:
+        utils.save_checkpoint_atomic(state, os.path.join(cfg["model_path"], f"{run.suffix}_epoch_{epoch}.pth"))
+    utils.save_checkpoint_atomic(state, run.paths["last"])
+    run.last_good = run.paths["last"]
+    with open(run.paths["metrics"], "a", encoding="utf-8") as f:
+        f.write(json.dumps(plain(record)) + "\n")
+    if run.tb is not None:
+        for key in ("loss", "id_loss", "tri_loss", "lr", "acc"):
+            run.tb.add_scalar(key, stats[key], epoch)
+        for mode in (record["eval"] or {}):
+            run.tb.add_scalar(f"rank1_{mode}", record["eval"][mode]["cmc"][0], epoch)
+            run.tb.add_scalar(f"mAP_{mode}", record["eval"][mode]["mAP"], epoch)
+
+
+def truncate_metrics(path, last_epoch):
+    """Drop metric lines of epochs after `last_epoch` (written before a run was killed)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def tensorboard_writer(log_path, suffix):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:     # optional dependency
+        return None
+    return SummaryWriter(os.path.join(log_path, "tensorboard", suffix))
+
+
+def load_resume_checkpoint(path, model_path):
+    """Our training checkpoint; a bare file name is also looked up in --model_path (official style)."""
+    if not os.path.exists(path) and model_path and os.path.exists(os.path.join(model_path, path)):
+        path = os.path.join(model_path, path)
+    ckpt = utils.load_torch_file(path)
+    if ckpt.get("format") != models.CHECKPOINT_FORMAT:
+        raise utils.CheckpointError(f"{path} is not a {models.CHECKPOINT_FORMAT} training checkpoint (official checkpoints "
+                                    f"hold only weights: evaluate them with test.py)")
+    return path, ckpt
+
+
+def setup_run(args):
+    resume_path, ckpt = (None, None)
+    if args.resume:
+        resume_path, ckpt = load_resume_checkpoint(args.resume, args.model_path)
+        args.resume = resume_path
+    config, sources = resolve_config(args, ckpt["config"] if ckpt else None)
+    world_size, rank, device = init_distributed(config)
+    suffix = run_suffix(config)
+    paths = {"last": os.path.join(config["model_path"], f"{suffix}_last.pth"),
+             "best": os.path.join(config["model_path"], f"{suffix}_best.pth"),
+             "log": os.path.join(config["log_path"], f"{suffix}.log"),
+             "metrics": os.path.join(config["log_path"], f"{suffix}_metrics.jsonl")}
+    log = utils.setup_logger("train", paths["log"], rank)
+    utils.set_seed(config["seed"])
+    data, val_protocol = build_train_data(config)
+    config["num_classes"] = data.num_classes
+    if ckpt and ckpt["config"].get("num_classes") != data.num_classes:
+        raise utils.ConfigError(f"cannot resume {resume_path}: it has {ckpt['config'].get('num_classes')} "
+                                f"classes but the training set in {config['data_path']} has {data.num_classes}")
+    protocol = (val_protocol or test_protocol(config)) if rank == 0 else None
+    net = models.build_model(config["method"], data.num_classes, config["arch"], config["img_h"],
+                             config["img_w"], pretrained=pretrained_arg(config, ckpt is not None)).to(device)
+    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"]), lr=config["lr"], momentum=0.9,
+                                nesterov=True, weight_decay=5e-4)
+    scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))
+    use_amp = bool(config["amp"]) and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    run = Run(config=config, sources=sources, world_size=world_size, rank=rank, device=device, suffix=suffix,
+              paths=paths, log=log, data=data, protocol=protocol, bare_net=net, net=net, optimizer=optimizer,
+              scheduler=scheduler, scaler=scaler, use_amp=use_amp, criteria=build_criteria(config),
+              start_epoch=0, best_metric=-1.0, best_epoch=-1, last_good=None, tb=None)
+    if ckpt:
+        restore_training_state(run, ckpt, resume_path)
+    if world_size > 1:
+        run.net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return run, ckpt
+
+
+def restore_training_state(run, ckpt, path):
+    try:
+        run.bare_net.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise utils.CheckpointError(f"cannot resume from {path}: {str(exc).splitlines()[0]}") from None
+    run.start_epoch = int(ckpt["epoch"]) + 1
+    run.best_metric, run.best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
+    run.last_good = path
+
+
+def train(args):
+    run, ckpt = setup_run(args)
+    cfg, log = run.config, run.log
+    if run.rank == 0:
+        os.makedirs(cfg["model_path"], exist_ok=True)
+        log.info(config_table(cfg, run.sources))
+        log.info(f"Device: {run.device}, processes: {run.world_size}, AMP: "
+                 f"{'fp16' if run.use_amp else 'off'}{'' if run.use_amp or not cfg['amp'] else ' (CUDA only)'}; "
+                 f"classes: {cfg['num_classes']}; model selection: {SELECTION_RULES[cfg['val']]}")
+        if ckpt:
+            log.info(f"Resuming {run.last_good} after epoch {run.start_epoch - 1} "
+                     f"(best BN Rank-1 {100 * max(run.best_metric, 0):.2f}% at epoch {run.best_epoch})")
+            truncate_metrics(run.paths["metrics"], run.start_epoch - 1)
+        else:
+            open(run.paths["metrics"], "w").close()
+        run.tb = tensorboard_writer(cfg["log_path"], run.suffix)
+    if ckpt:
+        restore_rng_state(ckpt["rng"])     # last: setup consumed RNG identically in both runs
+    for epoch in range(run.start_epoch, cfg["epochs"]):
+        start = time.time()
+        stats = train_one_epoch(run, epoch)
+        run.scheduler.step()
+        stats["seconds"] = round(time.time() - start, 2)
+        if run.rank == 0:
+            log.info(f"Epoch {epoch}: lr {stats['lr']:.6f} loss {stats['loss']:.4f} (id {stats['id_loss']:.4f}, "
+                     f"{cfg['loss_tri']} {stats['tri_loss']:.4f}) acc {100 * stats['acc']:.2f}% "
+                     f"[{stats['batches']} batches, {stats['seconds']:.1f}s]")
+            end_of_epoch(run, epoch, stats)
+        if run.world_size > 1:
+            dist.barrier()
+    if run.rank == 0:
+        log.info(f"Finished {cfg['epochs']} epochs. Best BN Rank-1 {100 * max(run.best_metric, 0):.2f}% at epoch "
+                 f"{run.best_epoch} ({SELECTION_RULES[cfg['val']]}). Checkpoints: {run.paths['best']}, "
+                 f"{run.paths['last']}")
+        if run.tb is not None:
+            run.tb.close()
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except (data_manager.DatasetError, utils.CheckpointError, utils.ConfigError,
+            resnet.PretrainedWeightsError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
