@@ -324,18 +324,16 @@ def render_image(ident, camera, scene, rng, view=None):
     gain = rng.uniform(*camera["gain"])
     if camera["kind"] == "vis":
         img = _scene_image(scene, h, w, rng, "rgb")
-        colours = ident["rgb"][labels] * shading[..., None]
-        img[person] = colours[person]
-        img = img * (np.asarray(camera["cast"]) * gain)
+        img[person] = ident["rgb"].astype(np.float32)[labels[person]] * shading[person][:, None]
+        img *= np.asarray(camera["cast"], dtype=np.float32) * np.float32(gain)
     else:
         img = _scene_image(scene, h, w, rng, "thermal" if camera["kind"] == "thermal" else "ir")
-        palette = ident[camera["kind"]]
-        intensity = palette[labels] * (0.8 + 0.2 * shading)
-        img[person] = intensity[person][:, None]
+        palette = ident[camera["kind"]].astype(np.float32)
+        img[person] = (palette[labels[person]] * (0.8 + 0.2 * shading[person]))[:, None]
         if camera["kind"] == "thermal":
             img = _box_blur(img)
-        img = img * gain + rng.uniform(-0.05, 0.05)  # automatic gain control varies per frame
-    img = img + rng.normal(0.0, camera["noise"], size=img.shape).astype(np.float32)
+        img = img * np.float32(gain) + np.float32(rng.uniform(-0.05, 0.05))  # per-frame automatic gain control
+    img += rng.standard_normal(size=img.shape, dtype=np.float32) * np.float32(camera["noise"])
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img if img.shape[2] == 3 else np.repeat(img, 3, axis=2)
 
