@@ -107,11 +107,17 @@ def _evaluate(distmat, q_pids, g_pids, removed_fn, max_rank, *, dedup_cmc, stabl
         order = np.argsort(distmat[rows], axis=1, kind=kind)
         removed = removed_fn(rows) if removed_fn is not None else None
         q_row, raw_pos, kept_pos = _kept_match_positions(order, q_pids[rows], g_pids, removed)
-        ap[rows], inp[rows], valid[rows], first_kept = _ap_inp_first(q_row, kept_pos, len(order))
+        ap[rows], inp[rows], valid[rows], first = _ap_inp(q_row, kept_pos, len(order))
+        block_valid = valid[rows]
+        block_hit_rank = hit_rank[rows]                       # a view: writes go to hit_rank
         if dedup_cmc:
-            first_raw = _first_per_row(q_row, raw_pos, len(order), fill=num_g)
-            first_kept = _distinct_ids_before(order, removed, first_raw, pid_columns, pid_starts)
-        hit_rank[rows] = np.where(valid[rows], first_kept, num_g)
+            first_raw = np.full(len(order), num_g)
+            first_raw[block_valid] = raw_pos[first]
+            distinct_before = _distinct_ids_before(order, removed, first_raw, pid_columns,
+                                                   pid_starts)
+            block_hit_rank[block_valid] = distinct_before[block_valid]
+        else:
+            block_hit_rank[block_valid] = kept_pos[first]
 
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -137,8 +143,11 @@ def _kept_match_positions(order, q_pids, g_pids, removed):
     return q_row, raw_pos, raw_pos - removed_before
 
 
-def _ap_inp_first(q_row, kept_pos, num_rows):
-    """AP, INP, validity and kept position of the first match per query (REFERENCE 3, step 7)."""
+def _ap_inp(q_row, kept_pos, num_rows):
+    """AP, INP and validity per query (REFERENCE 3, step 7) from the sparse kept matches.
+
+    Also returns, for each valid query, the index of its first kept match in the sparse list.
+    """
     num_rel = np.bincount(q_row, minlength=num_rows)
     valid = num_rel > 0
     first_index = np.cumsum(num_rel) - num_rel
@@ -146,20 +155,10 @@ def _ap_inp_first(q_row, kept_pos, num_rows):
     precision = match_number / (kept_pos + 1.0)
     ap = np.zeros(num_rows)
     inp = np.zeros(num_rows)
-    first_kept = np.zeros(num_rows, dtype=np.int64)
     ap[valid] = np.bincount(q_row, weights=precision, minlength=num_rows)[valid] / num_rel[valid]
     last_kept = kept_pos[first_index[valid] + num_rel[valid] - 1]
     inp[valid] = num_rel[valid] / (last_kept + 1.0)
-    first_kept[valid] = kept_pos[first_index[valid]]
-    return ap, inp, valid, first_kept
-
-
-def _first_per_row(q_row, values, num_rows, fill):
-    """values[first entry of each row] (rows without entries get `fill`); q_row is sorted."""
-    out = np.full(num_rows, fill, dtype=np.int64)
-    rows, first = np.unique(q_row, return_index=True)
-    out[rows] = values[first]
-    return out
+    return ap, inp, valid, first_index[valid]
 
 
 def _columns_grouped_by_pid(g_pids):
@@ -222,14 +221,15 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
     "mean": {mode: {...}}, "std": {mode: {...}}}; std is the population std over trials (0 for
     a single trial).
     """
+    name = getattr(protocol, "name", "?")
     metric = _METRICS.get(protocol.metric)
     if metric is None:
-        raise ValueError(f"unknown metric {protocol.metric!r} in protocol "
-                         f"{getattr(protocol, 'name', '?')}; expected one of {sorted(_METRICS)}")
+        raise ValueError(f"unknown metric {protocol.metric!r} in protocol {name}; "
+                         f"expected one of {sorted(_METRICS)}")
     trial_indices, trials = list(protocol.trial_indices), list(protocol.trials)
     if not trial_indices or len(trial_indices) != len(trials):
-        raise ValueError(f"protocol {getattr(protocol, 'name', '?')} needs one trial id per gallery "
-                         f"trial, got {len(trials)} ids for {len(trial_indices)} trials")
+        raise ValueError(f"protocol {name} needs one trial id per gallery trial, "
+                         f"got {len(trials)} ids for {len(trial_indices)} trials")
     transpose = bool(getattr(protocol, "transpose", False))
     query = (np.asarray(protocol.query_pids), np.asarray(protocol.query_cams))
     per_trial = {mode: [] for mode in modes}

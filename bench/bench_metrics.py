@@ -94,7 +94,8 @@ def main(argv=None):
         all_identical &= diff <= 1e-12
         verdict = "identical (bitwise)" if identical else f"max |diff| = {diff:.1e}"
         print(f"{name:<18}{f'{shape[0]}x{shape[1]}':>13}{ours_time:>10.3f}{loop_time:>10.2f}"
-              f"{loop_time / ours_time:>9.1f}x{peak_mb:>9.0f}  {verdict}; R1 {ours[0][0]:.4f} mAP {ours[1]:.4f}")
+              f"{loop_time / ours_time:>9.1f}x{peak_mb:>9.0f}  {verdict}; "
+              f"R1 {ours[0][0]:.4f} mAP {ours[1]:.4f}")
     if not all_identical:
         print("error: vectorised and literal results differ", file=sys.stderr)
         return 1

@@ -461,7 +461,8 @@ def _protocol(rng, metric, transpose=False, num_trials=3, num_ids=12):
     g_pids = np.repeat(np.arange(num_ids), 3)
     cams = {"sysu": ([3, 6], [1, 2, 4, 5]), "llcm": ([1, 2, 3], [1, 2, 3]), "regdb": ([1], [2])}
     q_cams, g_cams = rng.choice(cams[metric][0], num_q), rng.choice(cams[metric][1], num_cand)
-    trial_indices = [np.arange(num_ids) * 3 + rng.integers(0, 3, num_ids) for _ in range(num_trials)]
+    trial_indices = [np.arange(num_ids) * 3 + rng.integers(0, 3, num_ids)
+                     for _ in range(num_trials)]
     return SimpleNamespace(name=f"test-{metric}", metric=metric, query_pids=q_pids,
                            query_cams=q_cams, gallery_pids=g_pids, gallery_cams=g_cams,
                            trial_indices=trial_indices, trials=list(range(num_trials)),
