@@ -33,7 +33,7 @@ OUTPUT_FILES = {
     "ir_label": "train_ir_resized_label.npy",
 }
 PARTIAL_SUFFIX = ".partial"
-WINDOW_BYTES = 64 << 20      # re-map the output every ~64 MB so written pages leave the resident set
+WINDOW_BYTES = 32 << 20      # re-map the output every ~32 MB so written pages leave the resident set
 POOL_CHUNKSIZE = 8
 
 
@@ -65,9 +65,11 @@ def _decode(task):
         raise DatasetError(f"cannot read image {path}: {exc}") from None
 
 
-def _ignore_sigint():
-    # Ctrl-C is handled (and the partial files removed) by the parent only.
+def _init_worker():
+    # Ctrl-C is handled (and the partial files removed) by the parent only; Pool.terminate() stops
+    # workers with SIGTERM, which must not go through the parent's clean-up handler inherited by fork.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def write_image_npy(path, files, img_h, img_w, pool, desc):
@@ -96,7 +98,7 @@ def preprocess(data_path, img_h, img_w, workers):
     final = {key: os.path.join(data_path, name) for key, name in OUTPUT_FILES.items()}
     partial = {key: path + PARTIAL_SUFFIX for key, path in final.items()}
     try:
-        with (Pool(workers, initializer=_ignore_sigint) if workers > 0 else contextlib.nullcontext()) as pool:
+        with (Pool(workers, initializer=_init_worker) if workers > 0 else contextlib.nullcontext()) as pool:
             write_image_npy(partial["rgb_img"], rgb_files, img_h, img_w, pool, "rgb")
             write_image_npy(partial["ir_img"], ir_files, img_h, img_w, pool, "ir")
         _save_npy(partial["rgb_label"], rgb_labels)
