@@ -295,11 +295,14 @@ _UNSAFE_MARKERS = ("GLOBAL", "Can only build", "allowlisted", "add_safe_globals"
 
 
 def _load_failure_reason(exc) -> str:
-    """The informative line of a torch.load error (the weights-only unpickler wraps it in boilerplate)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The informative sentence of a torch.load error (the weights-only unpickler adds boilerplate)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     informative = [line for line in lines if not line.startswith(boilerplate)]
-    return (informative or lines or ["empty or truncated file"])[0].split(". ")[0]
+    return (informative or ["empty or truncated file"])[0].split(". ")[0]
 
 
 def load_torch_file(path) -> dict:
@@ -318,7 +321,7 @@ def load_torch_file(path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError/RuntimeError/EOFError/... for bad files
         detail = _load_failure_reason(exc)
-        if any(word in detail for word in _UNSAFE_MARKERS):
+        if any(word in str(exc) for word in _UNSAFE_MARKERS):
             raise CheckpointError(f"refusing to load {path}: it contains objects outside the allowed "
                                   f"tensor/numpy types ({detail})") from None
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch file "
