@@ -281,13 +281,14 @@ def _numpy_safe_globals():
     Names differ between numpy 2.x (numpy._core...) and the numpy 1.x that wrote the official files
     (numpy.core...), so the reconstructors are registered under both full names.
     """
-    from numpy._core.multiarray import _reconstruct, scalar
-    return [
-        _reconstruct, scalar, np.ndarray, np.dtype,
-        np.dtypes.Float32DType, np.dtypes.Float64DType, np.dtypes.Int64DType,
-        (_reconstruct, "numpy.core.multiarray._reconstruct"),
-        (scalar, "numpy.core.multiarray.scalar"),
-    ]
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtype_classes = [getattr(np.dtypes, name) for name in ("Float32DType", "Float64DType", "Int64DType")]
+    return [np.ndarray, np.dtype] + dtype_classes + [
+        (_reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("_core", "core")] + [
+        (scalar, f"numpy.{core}.multiarray.scalar") for core in ("_core", "core")]
 
 
 # Words torch's weights-only unpickler uses when it blocks a global/class (vs. a damaged file).

@@ -213,7 +213,7 @@ def test_comp_dist_matches_oracle_and_plain_norm():
     assert comp_dist(a, a).diagonal().max().item() == pytest.approx(1e-6, abs=1e-7)
 
 
-def test_qct_differs_from_center_triplet_by_cross_modal_centres():
+def test_qct_pull_grows_with_a_modality_shift():
     """QCT pulls each row to the OTHER modality's centre: moving only IR rows changes RGB rows' pull."""
     labels = irl_labels(3, 2, 4, 0)
     x = random_features(len(labels), torch.float64, seed=1)
