@@ -222,7 +222,9 @@ class _PairedTrainData(Dataset):
 
     def __getitem__(self, k):
         if self.cIndex is None or self.tIndex is None:
-            raise IndexError("set cIndex/tIndex (IdentitySampler.index1/index2) before indexing the training set")
+            # Not IndexError: that would silently end a plain `for item in dataset` loop.
+            raise RuntimeError("set cIndex/tIndex (IdentitySampler.index1/index2) before indexing "
+                               "the training set")
         ci, ti = self.cIndex[k], self.tIndex[k]
         rgb = np.asarray(self.train_color_image[ci])
         ir = np.asarray(self.train_thermal_image[ti])
@@ -236,9 +238,10 @@ class _PairedTrainData(Dataset):
 
 def _as_transform_tuple(transforms, method):
     transforms = (transforms,) if callable(transforms) else tuple(transforms)
-    if method is not None and len(transforms) != TRAIN_METHODS[_check_method(method)]:
-        raise ConfigError(f"method {method!r} needs {TRAIN_METHODS[_check_method(method)]} training "
-                          f"transforms, got {len(transforms)}")
+    if method is not None:
+        needed = TRAIN_METHODS[_check_method(method)]
+        if len(transforms) != needed:
+            raise ConfigError(f"method {method!r} needs {needed} training transforms, got {len(transforms)}")
     if len(transforms) not in TRAIN_METHODS.values():
         raise ConfigError(f"expected 4 (IRL) or 1 (AGW) training transforms, got {len(transforms)}")
     return transforms

@@ -132,6 +132,9 @@ def main(argv=None):
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:         # e.g. disk full or read-only dataset root while writing
+        print(f"error: cannot write the output files: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; partial output removed", file=sys.stderr)
         return 130

@@ -25,7 +25,8 @@ H, W = 128, 64
 @pytest.fixture(scope="module")
 def sysu_npy(tmp_path_factory):
     root = make_sysu(str(tmp_path_factory.mktemp("sysu")), size="test", seed=0)
-    assert pre_process_sysu.main(["--data-path", root, "--workers", "0", "--img-h", str(H), "--img-w", str(W)]) == 0
+    args = ["--data-path", root, "--workers", "0", "--img-h", str(H), "--img-w", str(W)]
+    assert pre_process_sysu.main(args) == 0
     return root
 
 
@@ -93,7 +94,7 @@ def test_sysu_views_come_from_the_indexed_images(sysu_npy):
 
 def test_sysu_index_plan_is_settable_per_epoch(sysu_npy):
     ds = SYSUData(sysu_npy, build_train_transforms("agw", H, W))
-    with pytest.raises(IndexError, match="cIndex"):
+    with pytest.raises(RuntimeError, match="cIndex"):
         ds[0]
     color_pos, thermal_pos = GenIdx(ds.train_color_label, ds.train_thermal_label)
     sampler = IdentitySampler(ds.train_color_label, ds.train_thermal_label, color_pos, thermal_pos, 2, 2)
@@ -193,7 +194,7 @@ def test_load_resized_rgb_converts_to_three_channels(tmp_path, mode):
 
 def test_testdata_is_lazy_and_fails_at_getitem_naming_the_file(tmp_path):
     missing = [str(tmp_path / f"missing_{k}.jpg") for k in range(3)]
-    ds = data_loader.TestData(missing, np.arange(3), build_test_transform(H, W), img_size=(W, H))   # nothing opened yet
+    ds = data_loader.TestData(missing, np.arange(3), build_test_transform(H, W), img_size=(W, H))  # no I/O yet
     assert len(ds) == 3
     with pytest.raises(DatasetError, match="missing_1.jpg"):
         ds[1]

@@ -201,6 +201,20 @@ def test_bad_input_gives_one_error_line_exit_2_and_no_files(sysu, case, capsys):
     assert tree_listing(sysu) == before
 
 
+def test_write_failure_gives_one_error_line_and_no_files(sysu, monkeypatch, capsys):
+    before = tree_listing(sysu)
+    real_save = pre_process_sysu._save_npy
+
+    def disk_full(path, array):
+        real_save(path, array)       # the partial file exists when the failure hits
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(pre_process_sysu, "_save_npy", disk_full)
+    assert pre_process_sysu.main(["--data-path", sysu, "--workers", "0", *ARGS]) == 2
+    assert_one_error_line(capsys.readouterr().err, "No space left on device", "train_rgb_resized_label.npy")
+    assert tree_listing(sysu) == before
+
+
 def test_cli_corrupt_image_in_worker_process_one_line_no_traceback(sysu):
     path = corrupt_image(sysu)
     before = tree_listing(sysu)
