@@ -129,7 +129,8 @@ def check_training_labels(rgb_labels, ir_labels, source):
 
 def _require_dir(path, what):
     if not os.path.isdir(path):
-        raise DatasetError(f"missing {what}: {path}")
+        hint = " (create it empty if that camera has no images)" if what == "camera folder" else ""
+        raise DatasetError(f"missing {what}{hint}: {path}")
 
 
 def _sorted_files(folder):

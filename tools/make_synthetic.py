@@ -61,6 +61,10 @@ DATASET_CODES = {"sysu": 1, "regdb": 2, "llcm": 3}  # part of every seed, so dat
 SKIN, HAIR, TOP_A, TOP_B, BOTTOM_A, BOTTOM_B, SHOES, BAG, HAT, STRAP = range(1, 11)
 NUM_LABELS = 11
 PATTERNS = ("solid", "hstripe", "vstripe", "diag", "check", "dots", "block")
+# Fabric of each material slot (phase of the NIR response) and its thermal insulation: FIXED, so the infrared
+# value of a garment is a learnable function of its colour and slot, the same for every identity.
+FABRIC_PHASE = np.linspace(0.0, 2 * np.pi, NUM_LABELS, endpoint=False)
+INSULATION = np.array([0.0, 0.0, 0.5, 0.35, 0.35, 0.55, 0.55, 0.7, 0.9, 0.6, 0.8])
 
 # Camera models: kind (vis / nir / thermal), gain range (brightness), noise sigma, colour cast, base height.
 SYSU_CAMERAS = {
@@ -94,20 +98,20 @@ def _nir_response(rgb, phase):
     """Near-infrared reflectance: a fixed smooth nonlinear function of the dye colour and the fabric (phase).
     Deliberately non-monotone in the luminance, as dyes differ far more in NIR than in visible light."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return 0.5 + 0.38 * np.sin(2 * np.pi * (0.9 * r + 1.7 * g + 0.6 * b) + phase)
+    return 0.5 + 0.4 * np.sin(2 * np.pi * (0.55 * r - 0.45 * g + 0.4 * b) + phase)
 
 
 def _random_colour(rng):
     return rng.uniform(0.05, 0.95, size=3)
 
 
-def _contrasting_colour(rng, other, phase):
+def _contrasting_colour(rng, other, other_phase, phase):
     """A second garment colour that differs from `other` both in visible light and in NIR, so a pattern is
     visible in both modalities (tried a few times; real garments sometimes lose their pattern in IR)."""
     colour = _random_colour(rng)
     for _ in range(8):
         if (np.abs(colour - other).max() > 0.3
-                and abs(_nir_response(colour, phase) - _nir_response(other, phase)) > 0.2):
+                and abs(_nir_response(colour, phase) - _nir_response(other, other_phase)) > 0.2):
             break
         colour = _random_colour(rng)
     return colour
@@ -128,39 +132,38 @@ def make_identity(rng):
         bottom_freq=rng.uniform(8.0, 16.0),
         body_temp=rng.uniform(0.78, 0.95), signature=rng.uniform(-0.08, 0.08),
     )
-    phases = rng.uniform(0, 2 * np.pi, size=NUM_LABELS)  # fabric of each material
-    insulation = rng.uniform(0.15, 0.75, size=NUM_LABELS)
     rgb = np.zeros((NUM_LABELS, 3))
     rgb[SKIN] = np.array([0.85, 0.65, 0.5]) * rng.uniform(0.45, 1.05)
     rgb[HAIR] = np.array([0.25, 0.17, 0.1]) * rng.uniform(0.2, 2.5)
     rgb[TOP_A] = _random_colour(rng)
-    rgb[TOP_B] = _contrasting_colour(rng, rgb[TOP_A], phases[TOP_B])
+    rgb[TOP_B] = _contrasting_colour(rng, rgb[TOP_A], FABRIC_PHASE[TOP_A], FABRIC_PHASE[TOP_B])
     rgb[BOTTOM_A] = _random_colour(rng) * rng.uniform(0.4, 1.0)
-    rgb[BOTTOM_B] = _contrasting_colour(rng, rgb[BOTTOM_A], phases[BOTTOM_B])
+    rgb[BOTTOM_B] = _contrasting_colour(rng, rgb[BOTTOM_A], FABRIC_PHASE[BOTTOM_A], FABRIC_PHASE[BOTTOM_B])
     for label in (SHOES, BAG, HAT, STRAP):
         rgb[label] = _random_colour(rng)
     ident["rgb"] = np.clip(rgb, 0.0, 1.0)
-    ident["nir"] = _nir_palette(ident["rgb"], phases, ident)
-    ident["thermal"] = _thermal_palette(ident["rgb"], phases, insulation, ident)
+    ident["nir"] = _nir_palette(ident["rgb"], ident)
+    ident["thermal"] = _thermal_palette(ident["rgb"], ident)
     return ident
 
 
-def _nir_palette(rgb, phases, ident):
-    nir = _nir_response(rgb, phases) + ident["signature"]
+def _nir_palette(rgb, ident):
+    nir = _nir_response(rgb, FABRIC_PHASE) + ident["signature"]
     nir[SKIN] = 0.62 + 0.5 * ident["signature"]
     nir[HAIR] = 0.3 + 0.4 * rgb[HAIR].mean()
     return np.clip(nir, 0.03, 0.97)
 
 
-def _thermal_palette(rgb, phases, insulation, ident):
+def _thermal_palette(rgb, ident):
     """Far-infrared: clothing between body temperature and ambient by its insulation, small emissivity
     differences by dye; carried objects stay cold; skin is the warmest."""
     ambient = 0.3
     body = ident["body_temp"] + ident["signature"]
-    thermal = body * (1 - insulation) + ambient * insulation + 0.1 * np.sin(2 * np.pi * 1.3 * rgb.sum(-1) + phases)
+    emissivity = 0.12 * np.sin(2 * np.pi * 1.3 * rgb.sum(-1) + FABRIC_PHASE)
+    thermal = body * (1 - INSULATION) + ambient * INSULATION + emissivity
     thermal[SKIN] = body
     thermal[HAIR] = 0.5 * body + 0.5 * ambient
-    thermal[BAG] = ambient + 0.08 * np.sin(phases[BAG])
+    thermal[BAG] = ambient + emissivity[BAG]
     thermal[SHOES] = ambient + 0.1
     return np.clip(thermal, 0.03, 0.97)
 
