@@ -61,8 +61,9 @@ class Non_local(nn.Module):
         g = self.g(x).flatten(2).transpose(1, 2)            # [N, L, C']
         theta = self.theta(x).flatten(2).transpose(1, 2)    # [N, L, C']
         phi = self.phi(x).flatten(2)                        # [N, C', L]
-        # Same product as (theta @ phi / L) @ g, associated so that no L x L matrix is formed.
-        y = theta @ (phi @ g) / (h * w)
+        # Same product as (theta @ phi / L) @ g, associated so that no L x L matrix is formed; dividing
+        # first keeps the intermediate a mean (no fp16 overflow under autocast).
+        y = theta @ ((phi / (h * w)) @ g)
         y = y.transpose(1, 2).reshape(n, self.inter_channels, h, w)
         return self.W(y) + x
 
@@ -244,19 +245,14 @@ def run_stage(layer, non_locals, x):
 
 def _backbone_parts(arch, n_stems, pretrained):
     """(stems, trunk): n_stems ResNet stems and one layer1..4 trunk, ImageNet-initialised if requested."""
-    path = None if pretrained is True else pretrained
     stems = [resnet.ResNetStem() for _ in range(n_stems)]
     trunk = resnet.build_resnet(arch, last_conv_stride=1, with_stem=False)
     if pretrained:
-        state = resnet.imagenet_state_dict(arch, path)
+        path = None if pretrained is True else os.fspath(pretrained)
+        state = resnet.imagenet_state_dict(arch, path)     # read once, shared by every stem and the trunk
+        source = f"{arch} ImageNet weights {path or resnet.cached_imagenet_file(arch)}"
         for part in stems + [trunk]:
-            missing = [k for k in part.state_dict() if k not in state]
-            if missing:
-                raise resnet.PretrainedWeightsError(
-                    f"{path or resnet.cached_imagenet_file(arch)} does not hold {arch} ImageNet weights "
-                    f"(missing {', '.join(missing[:3])}); supply the right file with `--pretrained PATH` "
-                    "or use `--no-pretrained`")
-            part.load_state_dict({k: state[k] for k in part.state_dict()}, strict=True)
+            resnet.apply_imagenet_state(part, state, source)
     return stems, trunk
 
 
@@ -300,7 +296,7 @@ class CrossModalNet(nn.Module):
     def official_unused_keys(self):
         """Keys an official checkpoint holds that this model does not use (REFERENCE 6.2), derived by rule."""
         trunk_keys = list(self.base_resnet.base.state_dict())
-        stem_keys = list(resnet.ResNetStem().state_dict())
+        stem_keys = list(self.visible_module.visible.state_dict())
         unused = {f"{name}.{attr}.{k}" for name, attr in self.STEMS for k in trunk_keys}
         unused |= {f"base_resnet.base.{k}" for k in stem_keys}
         return unused
@@ -321,7 +317,7 @@ class IRL(CrossModalNet):
         c3 = c[3]
         self.delta = nn.Parameter(torch.zeros(1, c3, 1, 1))
         edim = (img_h // IRL_SIZE_MULTIPLE) * (img_w // IRL_SIZE_MULTIPLE)
-        tokens, heads = c3 // 4, attention_heads(edim)
+        tokens, heads = c3 // 4, attention_heads(edim)     # 256 channel tokens and 32 heads for resnet50 at 384x192
         self.layerATT0 = layerATT(c3, tokens, edim, heads, "ATT_narrow1", c[0])
         self.layerATT1 = layerATT(c3, tokens, edim, heads, "ATT_narrow1", c[1])
         self.layerATT2 = layerATT(c3, tokens, edim, heads, "ATT_narrow2", c[2])
@@ -580,8 +576,8 @@ def load_checkpoint(model, path_or_state):
     config = meta.get("config") or {}
     for field in ("method", "arch"):
         if field in config and config[field] != getattr(net, field):
-            raise CheckpointError(f"{source} holds a {config.get('method')} {config.get('arch')} model, "
-                                  f"this model is {net.method} {net.arch}")
+            raise CheckpointError(f"{source} was saved from a {config.get('method')}/{config.get('arch')} "
+                                  f"model; this model is {net.method}/{net.arch}")
     state = _strip_module_prefix(state)
     _check_state(net, state, meta["format"], source)
     net.load_state_dict({k: state[k] for k in net.state_dict()}, strict=True)

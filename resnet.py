@@ -15,7 +15,6 @@ IMAGENET_FILES = {
     "resnet34": ("resnet34-b627a593.pth",),
     "resnet50": ("resnet50-0676ba61.pth", "resnet50-19c8e357.pth"),
 }
-STEM_KEY_PREFIXES = ("conv1.", "bn1.")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -196,18 +195,21 @@ def imagenet_state_dict(arch, path=None):
 
 
 def load_imagenet_weights(model, arch, path=None):
-    """Load ImageNet weights into a ResNet, ResNetStem or trunk (with_stem=False) of `arch`.
+    """Load ImageNet weights (local file `path`, else torchvision's cache) into a ResNet, ResNetStem or
+    trunk (with_stem=False) of `arch`."""
+    source = f"{arch} ImageNet weights {path or cached_imagenet_file(arch)}"
+    apply_imagenet_state(model, imagenet_state_dict(arch, path), source)
 
-    fc.* is dropped, and so are the stem keys for a trunk or the layer keys for a stem; everything the
-    model has must be in the file with the same shape (strict).
-    """
-    state = imagenet_state_dict(arch, path)
+
+def apply_imagenet_state(model, state, source):
+    """Strict load of the entries `model` has; the others (fc.*, the stem for a trunk, the layers for a stem)
+    are dropped. Lets one file read initialise several parts."""
     wanted = model.state_dict()
     missing = [k for k in wanted if k not in state]
     wrong = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
     if missing or wrong:
         detail = ", ".join((missing + wrong)[:5])
-        raise PretrainedWeightsError(f"{path or cached_imagenet_file(arch)} does not hold {arch} ImageNet weights "
-                                     f"({len(missing)} missing, {len(wrong)} wrong shape: {detail}); "
-                                     "supply the right file with `--pretrained PATH` or use `--no-pretrained`")
+        raise PretrainedWeightsError(f"{source} do not fit the model ({len(missing)} keys missing, {len(wrong)} "
+                                     f"of the wrong shape: {detail}); supply the right file with "
+                                     "`--pretrained PATH` or use `--no-pretrained`")
     model.load_state_dict({k: state[k] for k in wanted}, strict=True)

@@ -21,7 +21,8 @@ OFFICIAL_SIZES = {"irl": (384, 192), "agw": (288, 144)}
 IRL_UNUSED = re.compile(r"^((thermal|visible)_moduleA?\.(thermal|visible)\.layer[1-4]\."
                         r"|base_resnet\.base\.(conv1|bn1)\.|sin$|NAF3\.|local_conv\.|feat_bn2d\."
                         r"|layerATT[01]\.ATT_narrow2\.|layerATT2\.ATT_narrow1\.|layerATT3\.(ATT_narrow[12]|ln_1o)\.)")
-AGW_UNUSED = re.compile(r"^((thermal|visible)_module\.(thermal|visible)\.layer[1-4]\.|base_resnet\.base\.(conv1|bn1)\.)")
+AGW_UNUSED = re.compile(r"^((thermal|visible)_module\.(thermal|visible)\.layer[1-4]\."
+                        r"|base_resnet\.base\.(conv1|bn1)\.)")
 UNUSED = {"irl": IRL_UNUSED, "agw": AGW_UNUSED}
 
 
@@ -455,7 +456,7 @@ def test_our_format_mismatches():
     source = small(num_classes=7).state_dict()
     ours = {"format": M.CHECKPOINT_FORMAT, "model": source, "config": {"method": "irl", "arch": "resnet18"}}
     assert_rejected(small(num_classes=9), ours, "checkpoint has 7 classes, model has 9")
-    assert_rejected(small("agw"), ours, "holds a irl resnet18 model, this model is agw resnet18")
+    assert_rejected(small("agw"), ours, "saved from a irl/resnet18 model; this model is agw/resnet18")
     assert_rejected(small(img_h=256, img_w=128), ours, "layerATT shapes follow the input size")
     assert_rejected(small(), dict(ours, model=dict(source, extra=torch.zeros(1))), "unexpected 1 keys: extra")
 
