@@ -89,8 +89,8 @@ def parse_cam_pid(path):
 def read_idx_file(path):
     """(relative paths, int64 labels) of a RegDB/LLCM list file with lines `<relative path> <label>`.
 
-    The official code splits on the first space; we split on the last one, which gives the same result on
-    every line the official code accepts. Blank lines are skipped.
+    The official code splits on the first space; we split on the last one: identical on the real files
+    ('<path without spaces> <label>'), and paths containing spaces work too. Blank lines are skipped.
     """
     if not os.path.isfile(path):
         raise DatasetError(f"missing idx file: {path}")
