@@ -191,10 +191,23 @@ def extract(net, paths, pids, modal, settings, args, device):
     return {"pool": pool, "bn": bn}
 
 
+def padded_cmc(cmc, length=max(RANKS)):
+    """CMC extended to `length` ranks with its last value (the metrics stop at the gallery size)."""
+    return list(cmc) + [cmc[-1]] * (length - len(cmc))
+
+
+def warn_non_finite(log, feats, what):
+    """Eval-mode activations of a barely trained model can overflow; say so instead of ranking silently."""
+    bad = int((~np.isfinite(feats["pool"]).all(1) | ~np.isfinite(feats["bn"]).all(1)).sum())
+    if bad:
+        log.warning(f"warning: {bad} of {len(feats['pool'])} {what} features are not finite (eval-mode overflow, "
+                    f"e.g. an undertrained model); their ranking is arbitrary")
+
+
 def summarise(per_trial):
-    """Mean and population std over trials of the CMC curve, mAP and mINP (per mode)."""
+    """Mean and population std over trials of the CMC curve (padded to 20 ranks), mAP and mINP."""
     def reduce(results, fn):
-        return {"cmc": fn([r["cmc"] for r in results], axis=0).tolist(),
+        return {"cmc": fn([padded_cmc(r["cmc"]) for r in results], axis=0).tolist(),
                 "mAP": float(fn([r["mAP"] for r in results])), "mINP": float(fn([r["mINP"] for r in results]))}
     return ({m: reduce(r, np.mean) for m, r in per_trial.items()},
             {m: reduce(r, np.std) for m, r in per_trial.items()})
@@ -274,6 +287,8 @@ def run_test(args):
         query = extract(net, protocol.query_paths, protocol.query_pids, protocol.query_modal, settings, args, device)
         gallery = extract(net, protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal, settings,
                           args, device)
+        warn_non_finite(log, query, "query")
+        warn_non_finite(log, gallery, "gallery")
         result = eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes)
         for mode in modes:
             per_trial[mode].extend(result["per_trial"][mode])

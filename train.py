@@ -456,10 +456,20 @@ def extract(net, paths, pids, modal, cfg, device):
     return {"pool": pool, "bn": bn}
 
 
+def warn_non_finite(log, feats, what):
+    """Eval-mode activations of a barely trained model can overflow; say so instead of ranking silently."""
+    bad = int((~np.isfinite(feats["pool"]).all(1) | ~np.isfinite(feats["bn"]).all(1)).sum())
+    if bad:
+        log.warning(f"warning: {bad} of {len(feats['pool'])} {what} features are not finite (eval-mode overflow, "
+                    f"e.g. an undertrained model); their ranking is arbitrary")
+
+
 def evaluate(run):
     p = run.protocol
     query = extract(run.bare_net, p.query_paths, p.query_pids, p.query_modal, run.config, run.device)
     gallery = extract(run.bare_net, p.gallery_paths, p.gallery_pids, p.gallery_modal, run.config, run.device)
+    warn_non_finite(run.log, query, "query")
+    warn_non_finite(run.log, gallery, "gallery")
     return plain(eval_metrics.evaluate_protocol(query, gallery, p, modes=("bn", "pool")))
 
 
@@ -467,7 +477,8 @@ def summary_line(result):
     parts = []
     for mode, label in (("bn", "BN/FC"), ("pool", "POOL")):
         m = result["mean"][mode]
-        parts.append(f"{label}: Rank-1 {100 * m['cmc'][0]:.2f}% Rank-10 {100 * m['cmc'][9]:.2f}% "
+        rank10 = m["cmc"][min(10, len(m["cmc"])) - 1]   # galleries under 10 images have shorter CMCs
+        parts.append(f"{label}: Rank-1 {100 * m['cmc'][0]:.2f}% Rank-10 {100 * rank10:.2f}% "
                      f"mAP {100 * m['mAP']:.2f}% mINP {100 * m['mINP']:.2f}%")
     return " | ".join(parts)
 
