@@ -157,7 +157,7 @@ def validate_config(config):
                                 f"variants crash, Q-18)")
     for key in ("batch_size", "num_pos", "epochs", "eval_every", "save_epoch", "test_batch"):
         if int(config[key]) < 1:
-            raise utils.ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+            raise utils.ConfigError(f"{key} must be >= 1, got {config[key]}")
     if int(config["workers"]) < 0:
         raise utils.ConfigError(f"--workers must be >= 0, got {config['workers']}")
     if config["dataset"] == "regdb" and not 1 <= int(config["trial"]) <= 10:
@@ -484,9 +484,9 @@ def summary_line(result):
 
 
 def checkpoint_state(run, epoch, metrics):
-    return {"format": models.CHECKPOINT_FORMAT, "model": run.bare_net.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best_metric": run.best_metric, "best_epoch": run.best_epoch, "rng": capture_rng_state(),
+    return {"format": models.CHECKPOINT_FORMAT, "model": run.bare_net.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "best_metric": run.best_metric, "best_epoch": run.best_epoch, "rng": capture_rng_state(),
             "config": dict(run.config), "metrics": metrics}
 
 
@@ -550,8 +550,8 @@ def load_resume_checkpoint(path, model_path):
         path = os.path.join(model_path, path)
     ckpt = utils.load_torch_file(path)
     if ckpt.get("format") != models.CHECKPOINT_FORMAT:
-        raise utils.CheckpointError(f"{path} is not a {models.CHECKPOINT_FORMAT} training checkpoint (official checkpoints "
-                                    f"hold only weights: evaluate them with test.py)")
+        raise utils.CheckpointError(f"{path} is not a {models.CHECKPOINT_FORMAT} training checkpoint (official "
+                                    f"checkpoints hold only weights: evaluate them with test.py)")
     return path, ckpt
 
 
