@@ -377,13 +377,13 @@ def plain(obj):
 # Distributed helpers
 # --------------------------------------------------------------------------------------------------
 
-def init_distributed(config):
+def init_distributed(config, log):
     """(world_size, rank, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return 1, 0, utils.resolve_device(config["device"], config["gpu"])
+        return 1, 0, utils.resolve_device(config["device"], config["gpu"], logger=log)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = utils.resolve_device(config["device"], local_rank)
+    device = utils.resolve_device(config["device"], local_rank, logger=log)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -561,13 +561,13 @@ def setup_run(args):
         resume_path, ckpt = load_resume_checkpoint(args.resume, args.model_path)
         args.resume = resume_path
     config, sources = resolve_config(args, ckpt["config"] if ckpt else None)
-    world_size, rank, device = init_distributed(config)
     suffix = run_suffix(config)
     paths = {"last": os.path.join(config["model_path"], f"{suffix}_last.pth"),
              "best": os.path.join(config["model_path"], f"{suffix}_best.pth"),
              "log": os.path.join(config["log_path"], f"{suffix}.log"),
              "metrics": os.path.join(config["log_path"], f"{suffix}_metrics.jsonl")}
-    log = utils.setup_logger("train", paths["log"], rank)
+    log = utils.setup_logger("train", paths["log"], int(os.environ.get("RANK", "0")))
+    world_size, rank, device = init_distributed(config, log)
     utils.set_seed(config["seed"])
     data, val_protocol = build_train_data(config)
     config["num_classes"] = data.num_classes

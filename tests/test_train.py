@@ -179,6 +179,21 @@ def test_invalid_settings_are_config_errors(flags, message):
         resolve(flags)
 
 
+def test_val_holds_out_a_deterministic_spread_of_regdb_and_llcm_identities():
+    held = train_script.held_out_labels({"dataset": "regdb"}, np.repeat(np.arange(206), 10))
+    assert held.tolist() == list(range(9, 206, 10))                # 20 of 206, every 10th
+    assert train_script.held_out_labels({"dataset": "llcm"}, np.arange(8)).tolist() == [1, 4, 7]
+
+
+def test_without_a_gpu_one_line_says_so(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args = ["--dataset", "regdb", "--data-path", str(tmp_path / "nowhere"), "--log_path", str(tmp_path)]
+    assert train_script.main(args) == 2
+    out, err = capsys.readouterr()
+    assert out.count("CUDA not available: running on the CPU") == 1 and err.startswith("error: ")
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     torch.manual_seed(1), np.random.seed(2)
     state = train_script.capture_rng_state()
