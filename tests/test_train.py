@@ -20,8 +20,9 @@ from tools import make_synthetic
 import utils
 
 # Smallest configuration every method accepts (IRL: multiples of 16); 1-2 epochs each. The LR is 100x
-# below the official one: from random weights, IRL's gradients at lr 0.1 inflate the weights so much within
-# a dozen steps that eval-mode features overflow to NaN and every ranking would be arbitrary.
+# below the official one: at 32x16 (a 2x1 layer-3 map) IRL's initial gradients are ~400x larger than at
+# 128x64, so at lr 0.1 the weights inflate within a dozen steps, eval-mode features overflow to NaN and
+# every ranking would be arbitrary.
 TINY = ["--arch", "resnet18", "--img_h", "32", "--img_w", "16", "--no-pretrained", "--device", "cpu",
         "--workers", "0", "--batch-size", "4", "--num_pos", "2", "--lr", "0.001"]
 DATASET_DIRS = {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM"}
@@ -29,8 +30,8 @@ DATASET_DIRS = {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM"}
 RUNS = {
     "sysu_irl": ("sysu", "sysu", ["--epochs", "1"]),
     "sysu_agw_val": ("sysu", "sysu", ["--method", "agw", "--val", "--epochs", "1"]),
-    # AGW on RegDB: after a few steps from random weights, the tiny IRL model's eval-mode features
-    # overflow to NaN on these 40-image RegDB splits, which would make the ranking checks meaningless.
+    # AGW on RegDB: even at the low LR the 32x16 IRL model's eval-mode features overflow to NaN on
+    # these 40-image RegDB splits, which would make the ranking checks meaningless.
     "regdb_t1": ("regdb", "regdb", ["--method", "agw", "--trial", "1", "--epochs", "2"]),
     "regdb_t2": ("regdb", "regdb", ["--method", "agw", "--trial", "2", "--epochs", "1"]),
     "llcm_irl": ("llcm", "llcm", ["--epochs", "1"]),
