@@ -142,6 +142,9 @@ def resolve_config(args, saved=None):
         config["data_path"], sources["data_path"] = DEFAULT_DATA_PATHS[config["dataset"]], "default"
     config["resume"] = args.resume
     validate_config(config)
+    if config["lr_scheduler"] == "agw" and "flag" in (sources["warmup_epochs"], sources["milestones"]):
+        raise utils.ConfigError("--warmup-epochs/--milestones shape the IRL schedules; the AGW schedule "
+                                "(--lr_scheduler agw) is fixed: warmup 10, x0.1 at 20, x0.01 at 50")
     return config, sources
 
 

@@ -174,7 +174,8 @@ def test_resume_config_keeps_the_checkpoint_values_and_rejects_clashes():
 
 
 @pytest.mark.parametrize("flags, message", [(["--optim", "ADM"], "only SGD"), (["--batch-size", "0"], ">= 1"),
-                                            (["--dataset", "regdb", "--trial", "11"], "1..10")])
+                                            (["--dataset", "regdb", "--trial", "11"], "1..10"),
+                                            (["--method", "agw", "--milestones", "5"], "AGW schedule")])
 def test_invalid_settings_are_config_errors(flags, message):
     with pytest.raises(utils.ConfigError, match=message):
         resolve(flags)
