@@ -13,13 +13,11 @@ import os
 import random
 
 import numpy as np
-import torch
 import torchvision.transforms as T
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import data_manager
-from data_manager import DatasetError
+from data_manager import DatasetError, load_resized_rgb
 from utils import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,20 +175,6 @@ def _check_method(method):
 # ---------------------------------------------------------------------------------------------------
 # Image loading
 # ---------------------------------------------------------------------------------------------------
-
-def load_resized_rgb(path, img_w, img_h):
-    """uint8 HxWx3 array of the image at `path`, LANCZOS-resized to (img_w, img_h) like the official code.
-
-    Unreadable / corrupt files raise DatasetError naming the file.
-    """
-    try:
-        with Image.open(path) as img:
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            return np.asarray(img.resize((img_w, img_h), Image.LANCZOS))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
-
 
 def _load_image_stack(paths, img_h, img_w):
     """All images resized into one pre-allocated uint8 [N, H, W, 3] array (no list-then-stack copy)."""

@@ -1,7 +1,8 @@
 """Dataset listings and test protocols for SYSU-MM01, RegDB and LLCM (REFERENCE sections 1 and 2).
 
-Ground floor: imports only the standard library and numpy. Nothing here decodes images; every check is a
-directory listing or a small text-file read, so validating a full-size dataset takes well under a second.
+Ground floor: imports only the standard library, numpy and Pillow. Every check is a directory listing or a
+small text-file read, so validating a full-size dataset takes well under a second; the one image decoder,
+`load_resized_rgb`, is shared by pre-processing and the datasets so both resize exactly alike.
 
 Public AGW-family functions keep their official names and positional signatures
 (`process_query_sysu(data_path, mode)`, `process_gallery_sysu(data_path, mode, trial)`,
@@ -22,9 +23,10 @@ is touched. Multi-shot (`shots > 1`, an extension with no official reference): p
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from PIL import Image
 
 SYSU_RGB_CAMS = ("cam1", "cam2", "cam4", "cam5")
 SYSU_IR_CAMS = ("cam3", "cam6")
@@ -49,6 +51,20 @@ class DatasetError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # Small readers and parsers
+
+
+def load_resized_rgb(path, img_w, img_h):
+    """uint8 HxWx3 array of the image at `path`, LANCZOS-resized to (img_w, img_h) like the official code
+    (`np.array(Image.open(p).resize((w, h), ANTIALIAS))`; LANCZOS is the same filter, Q-03). Grayscale or
+    RGBA files are converted to RGB (Q-02 clean fix; identical for the 3-channel files of the datasets).
+    Unreadable or corrupt files raise DatasetError naming the file."""
+    try:
+        with Image.open(path) as img:
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img.resize((img_w, img_h), Image.LANCZOS))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from None
 
 
 def read_id_file(path):
@@ -420,6 +436,17 @@ class TestProtocol:
     trial_indices: list = field(default_factory=list)
     trials: list = field(default_factory=list)
     transpose: bool = False
+
+
+    def used_gallery_only(self):
+        """The same protocol with only the gallery images some trial uses, so each is extracted once."""
+        used = np.unique(np.concatenate([np.asarray(t, dtype=np.int64) for t in self.trial_indices]))
+        position = np.full(len(self.gallery_paths), -1, dtype=np.int64)
+        position[used] = np.arange(len(used))
+        return replace(self, gallery_paths=[self.gallery_paths[i] for i in used],
+                       gallery_pids=np.asarray(self.gallery_pids)[used],
+                       gallery_cams=np.asarray(self.gallery_cams)[used],
+                       trial_indices=[position[np.asarray(t, dtype=np.int64)] for t in self.trial_indices])
 
 
 def _shots_tag(shots):

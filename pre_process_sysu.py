@@ -19,7 +19,6 @@ import time
 from multiprocessing import Pool
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import data_manager
@@ -54,15 +53,9 @@ def parse_args(argv=None):
 
 
 def _decode(task):
-    """The official per-image step: np.array(Image.open(p).resize((w, h), LANCZOS)), RGB ensured (Q-02)."""
+    """The official per-image step (np.array of the LANCZOS-resized image), run in a worker process."""
     path, img_w, img_h = task
-    try:
-        with Image.open(path) as img:
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            return np.asarray(img.resize((img_w, img_h), Image.LANCZOS))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from None
+    return data_manager.load_resized_rgb(path, img_w, img_h)
 
 
 def _init_worker():

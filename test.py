@@ -11,7 +11,6 @@ mean and std over the trials and writes every per-trial number to a JSON file.
 import argparse
 import os
 import sys
-from dataclasses import replace
 
 import numpy as np
 
@@ -173,17 +172,6 @@ def load_model(path, args, device, trial=None):
 # Features and metrics
 # --------------------------------------------------------------------------------------------------
 
-def restrict_gallery(protocol):
-    """Keep only the gallery images some trial uses, so each is extracted once."""
-    used = np.unique(np.concatenate([np.asarray(t, dtype=np.int64) for t in protocol.trial_indices]))
-    position = {int(i): k for k, i in enumerate(used)}
-    return replace(protocol, gallery_paths=[protocol.gallery_paths[i] for i in used],
-                   gallery_pids=np.asarray(protocol.gallery_pids)[used],
-                   gallery_cams=np.asarray(protocol.gallery_cams)[used],
-                   trial_indices=[np.array([position[int(i)] for i in t], dtype=np.int64)
-                                  for t in protocol.trial_indices])
-
-
 def extract(net, paths, pids, modal, settings, args, device):
     loader = data_loader.make_test_loader(list(paths), np.asarray(pids), settings["img_h"], settings["img_w"],
                                           args.test_batch, args.workers)
@@ -235,7 +223,8 @@ def save_features(path, protocol, query, gallery):
               "gallery_pool": gallery["pool"].astype(np.float32), "gallery_bn": gallery["bn"].astype(np.float32),
               "gallery_pids": np.asarray(protocol.gallery_pids), "gallery_cams": np.asarray(protocol.gallery_cams),
               "gallery_paths": np.array(protocol.gallery_paths, dtype=str),
-              "gallery_modal": np.array(protocol.gallery_modal), "trials": np.asarray(protocol.trials, dtype=np.int64)}
+              "gallery_modal": np.array(protocol.gallery_modal), "trials": np.asarray(protocol.trials, dtype=np.int64),
+              "transpose": np.array(bool(protocol.transpose))}
     if len({len(t) for t in protocol.trial_indices}) == 1:
         arrays["gallery_trial_indices"] = np.stack(protocol.trial_indices).astype(np.int64)
     else:
@@ -283,7 +272,7 @@ def run_test(args):
         net, settings = load_model(path, args, device, split)
         log.info(f"{protocol.name}: {path} ({settings['source']}: {settings['method']} {settings['arch']} "
                  f"{settings['img_h']}x{settings['img_w']}, {settings['num_classes']} classes)")
-        protocol = restrict_gallery(protocol)
+        protocol = protocol.used_gallery_only()
         query = extract(net, protocol.query_paths, protocol.query_pids, protocol.query_modal, settings, args, device)
         gallery = extract(net, protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal, settings,
                           args, device)

@@ -16,7 +16,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -288,18 +287,7 @@ def test_protocol(config):
         protocol = data_manager.regdb_protocol(root, config["trial"])
     else:
         protocol = data_manager.llcm_protocol(root, direction="ir2vis", trials=[0])
-    return restrict_gallery(protocol)
-
-
-def restrict_gallery(protocol):
-    """Keep only the gallery images some trial uses, so each is extracted once."""
-    used = np.unique(np.concatenate([np.asarray(t, dtype=np.int64) for t in protocol.trial_indices]))
-    position = {int(i): k for k, i in enumerate(used)}
-    pick = lambda values: [values[i] for i in used] if isinstance(values, list) else np.asarray(values)[used]
-    return replace(protocol, gallery_paths=pick(list(protocol.gallery_paths)),
-                   gallery_pids=pick(protocol.gallery_pids), gallery_cams=pick(protocol.gallery_cams),
-                   trial_indices=[np.array([position[int(i)] for i in t], dtype=np.int64)
-                                  for t in protocol.trial_indices])
+    return protocol.used_gallery_only()
 
 
 # --------------------------------------------------------------------------------------------------

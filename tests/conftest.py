@@ -2,9 +2,22 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Goldens and key lists copied from the functional specification (REFERENCE.md section 13).
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for modules of many small forward passes: OpenMP hand-offs between threads cost
+    more than they save at these sizes, and far more on a loaded 2-core machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

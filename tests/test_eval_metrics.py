@@ -28,7 +28,19 @@ def _pad_rows(rows, max_rank):
     return padded
 
 
-def literal_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, stable_sort=False):
+def sysu_remove(q_pid, q_camid, g_pids_ranked, g_camids_ranked):
+    """eval_sysu: a cam-3 query ignores every cam-2 gallery image."""
+    return (q_camid == 3) & (g_camids_ranked == 2)
+
+
+def llcm_remove(q_pid, q_camid, g_pids_ranked, g_camids_ranked):
+    """eval_llcm: a query ignores gallery images of its own pid and camera number."""
+    return (g_pids_ranked == q_pid) & (g_camids_ranked == q_camid)
+
+
+def literal_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, stable_sort=False,
+                      remove_rule=sysu_remove):
+    """The official eval_sysu loop; with remove_rule=llcm_remove it is the official eval_llcm loop."""
     num_q, num_g = distmat.shape
     if num_g < max_rank:
         max_rank = num_g
@@ -43,7 +55,7 @@ def literal_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, 
         q_pid = q_pids[q_idx]
         q_camid = q_camids[q_idx]
         order = indices[q_idx]
-        remove = (q_camid == 3) & (g_camids[order] == 2)
+        remove = remove_rule(q_pid, q_camid, g_pids[order], g_camids[order])
         keep = np.invert(remove)
         new_cmc = pred_label[q_idx][keep]
         new_index = np.unique(new_cmc, return_index=True)[1]
@@ -73,47 +85,8 @@ def literal_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, 
 
 
 def literal_eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, stable_sort=False):
-    num_q, num_g = distmat.shape
-    if num_g < max_rank:
-        max_rank = num_g
-    indices = np.argsort(distmat, axis=1, kind="stable" if stable_sort else None)
-    pred_label = g_pids[indices]
-    matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
-    new_all_cmc = []
-    all_AP = []
-    all_INP = []
-    num_valid_q = 0.
-    for q_idx in range(num_q):
-        q_pid = q_pids[q_idx]
-        q_camid = q_camids[q_idx]
-        order = indices[q_idx]
-        remove = (g_pids[order] == q_pid) & (g_camids[order] == q_camid)
-        keep = np.invert(remove)
-        new_cmc = pred_label[q_idx][keep]
-        new_index = np.unique(new_cmc, return_index=True)[1]
-        new_cmc = [new_cmc[index] for index in sorted(new_index)]
-        new_match = (new_cmc == q_pid).astype(np.int32)
-        new_cmc = new_match.cumsum()
-        new_all_cmc.append(new_cmc[:max_rank])
-        orig_cmc = matches[q_idx][keep]
-        if not np.any(orig_cmc):
-            continue
-        cmc = orig_cmc.cumsum()
-        pos_idx = np.where(orig_cmc == 1)
-        pos_max_idx = np.max(pos_idx)
-        inp = cmc[pos_max_idx] / (pos_max_idx + 1.0)
-        all_INP.append(inp)
-        num_valid_q += 1.
-        num_rel = orig_cmc.sum()
-        tmp_cmc = orig_cmc.cumsum()
-        tmp_cmc = [x / (i + 1.) for i, x in enumerate(tmp_cmc)]
-        tmp_cmc = np.asarray(tmp_cmc) * orig_cmc
-        AP = tmp_cmc.sum() / num_rel
-        all_AP.append(AP)
-    assert num_valid_q > 0, "Error: all query identities do not appear in gallery"
-    new_all_cmc = np.asarray(_pad_rows(new_all_cmc, max_rank)).astype(np.float32)
-    new_all_cmc = new_all_cmc.sum(0) / num_valid_q
-    return new_all_cmc, np.mean(all_AP), np.mean(all_INP)
+    return literal_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort,
+                             remove_rule=llcm_remove)
 
 
 def literal_eval_regdb(distmat, q_pids, g_pids, max_rank=20, stable_sort=False):

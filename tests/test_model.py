@@ -26,13 +26,7 @@ AGW_UNUSED = re.compile(r"^((thermal|visible)_module\.(thermal|visible)\.layer[1
 UNUSED = {"irl": IRL_UNUSED, "agw": AGW_UNUSED}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on the shared, oversubscribed CPUs OpenMP thread hand-offs cost 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def official_keys(method):
