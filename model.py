@@ -467,15 +467,17 @@ def extract_features(model, loader, modal, device, *, channels_last=False, progr
     return np.concatenate(pools), np.concatenate(bns)
 
 
-def param_groups(model, lr):
+def param_groups(model, lr, backbone_lr_mult=0.1):
     """SGD groups of REFERENCE 8.2: backbone (everything else) 0.1*lr, bottleneck lr, classifier lr.
+
+    `backbone_lr_mult` replaces the official 0.1 (chosen for ImageNet-initialised backbones).
 
     Only trainable parameters are listed (the frozen BNNeck bias gets no gradient either way).
     """
     net = unwrap(model)
     head = {id(p) for p in net.bottleneck.parameters()} | {id(p) for p in net.classifier.parameters()}
     backbone = [p for p in net.parameters() if p.requires_grad and id(p) not in head]
-    return [{"params": backbone, "lr": 0.1 * lr, "name": "backbone"},
+    return [{"params": backbone, "lr": backbone_lr_mult * lr, "name": "backbone"},
             {"params": [p for p in net.bottleneck.parameters() if p.requires_grad], "lr": lr, "name": "bottleneck"},
             {"params": [p for p in net.classifier.parameters() if p.requires_grad], "lr": lr, "name": "classifier"}]
 

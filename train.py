@@ -46,13 +46,13 @@ METHOD_DEFAULTS = {
                 margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50],
                 eval_every=2, amp=False),
 }
-COMMON_DEFAULTS = dict(dataset="sysu", method="irl", arch="resnet50", optim="SGD", trial=1, seed=0,
-                       save_epoch=20, test_batch=64, workers=4, mode="all", model_path="result/",
+COMMON_DEFAULTS = dict(dataset="sysu", method="irl", arch="resnet50", optim="SGD", backbone_lr_mult=0.1, trial=1,
+                       seed=0, save_epoch=20, test_batch=64, workers=4, mode="all", model_path="result/",
                        log_path="result/", gpu="0", device=None, pretrained=True, val=False)
 # A resumed run must keep these; anything else (paths, workers, device, ...) may change.
 RESUME_LOCKED = ("dataset", "method", "arch", "img_h", "img_w", "batch_size", "num_pos", "lr", "epochs",
-                 "loss_tri", "margin", "lr_scheduler", "warmup_epochs", "milestones", "optim", "seed",
-                 "trial", "val", "mode")
+                 "loss_tri", "margin", "lr_scheduler", "warmup_epochs", "milestones", "optim", "backbone_lr_mult",
+                 "seed", "trial", "val", "mode")
 SELECTION_RULES = {
     False: "test-set selection (Q-22): BN-feature Rank-1 on the trial-0 test gallery",
     True: "validation selection (--val): BN-feature Rank-1 on held-out training identities",
@@ -99,6 +99,9 @@ def build_parser():
     add("--epochs", type=int, help="total epochs (IRL 150, AGW 81)")
     add("--warmup-epochs", dest="warmup_epochs", type=int, help="LR warmup epochs of the IRL schedule (10)")
     add("--milestones", type=int, nargs="+", help="x0.1 LR steps of the IRL step schedule (25 90 120)")
+    add("--backbone-lr-mult", dest="backbone_lr_mult", type=float,
+        help="backbone LR = this x --lr (official 0.1, for ImageNet-initialised backbones; "
+             "training from scratch wants 1.0)")
     add("--pretrained", metavar="PATH", help="ImageNet weights file (default: torchvision cache)")
     add("--no-pretrained", dest="pretrained", action="store_const", const=False,
         help="random initialisation (no ImageNet weights)")
@@ -568,7 +571,7 @@ def setup_run(args):
     protocol = (val_protocol or test_protocol(config)) if rank == 0 else None
     net = models.build_model(config["method"], data.num_classes, config["arch"], config["img_h"],
                              config["img_w"], pretrained=pretrained_arg(config, ckpt is not None)).to(device)
-    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"]), lr=config["lr"], momentum=0.9,
+    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"], momentum=0.9,
                                 nesterov=True, weight_decay=5e-4)
     scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))
     use_amp = bool(config["amp"]) and device.type == "cuda"

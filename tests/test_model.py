@@ -276,6 +276,8 @@ def test_param_groups_follow_reference_8_2():
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in net.parameters() if p.requires_grad}
     torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scratch = M.param_groups(net, 0.1, backbone_lr_mult=1.0)
+    assert [g["lr"] for g in scratch] == pytest.approx([0.1, 0.1, 0.1])
 
 
 def test_forward_views_checks_the_view_count():
