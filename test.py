@@ -90,10 +90,6 @@ def check_args(args):
         raise utils.ConfigError(f"--trial must be in 1..10 for RegDB, got {args.trial}")
     if "{trial}" in args.resume and args.dataset != "regdb":
         raise utils.ConfigError("a {trial} pattern in --resume is for RegDB (one checkpoint per split)")
-    if args.dataset == "regdb" and args.trial is None and "{trial}" not in args.resume:
-        raise utils.ConfigError(f"RegDB evaluates {args.num_trials} splits, each with its own checkpoint: give "
-                                f"--resume a pattern containing {{trial}} (e.g. "
-                                f"'runs/regdb_..._trial_{{trial}}_best.pth') or pick one split with --trial")
 
 
 def checkpoint_path(args, trial=None):
@@ -106,10 +102,25 @@ def checkpoint_path(args, trial=None):
     return path
 
 
+def trained_split(path, num_trials):
+    """The RegDB split a checkpoint of ours was trained on; official checkpoints do not record it."""
+    config = utils.load_torch_file(path).get("config") or {}
+    if config.get("dataset") == "regdb" and config.get("trial") is not None:
+        return int(config["trial"])
+    raise utils.ConfigError(f"RegDB evaluates {num_trials} splits, each with its own checkpoint, and {path} does "
+                            f"not record its split: give --resume a pattern containing {{trial}} (e.g. "
+                            f"'runs/regdb_..._trial_{{trial}}_best.pth') or pick one split with --trial")
+
+
 def protocol_jobs(args, data_path):
     """[(protocol, checkpoint path)]: one per RegDB split, otherwise one with all gallery trials."""
     if args.dataset == "regdb":
-        splits = [args.trial] if args.trial is not None else list(range(1, args.num_trials + 1))
+        if args.trial is not None:
+            splits = [args.trial]
+        elif "{trial}" in args.resume:
+            splits = list(range(1, args.num_trials + 1))
+        else:
+            splits = [trained_split(checkpoint_path(args), args.num_trials)]
         paths = [checkpoint_path(args, t) for t in splits]     # every checkpoint must exist up front
         return [(data_manager.regdb_protocol(data_path, t, tvsearch=args.tvsearch), path)
                 for t, path in zip(splits, paths)]

@@ -41,7 +41,7 @@ DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/
 METHOD_DEFAULTS = {
     "irl": dict(img_h=384, img_w=192, batch_size=6, num_pos=4, lr=0.1, epochs=150, loss_tri="QCT",
                 margin=0.7, lr_scheduler="step", warmup_epochs=10, milestones=[25, 90, 120],
-                eval_every=1, amp=True),
+                eval_every=1, amp="cuda"),
     "agw": dict(img_h=288, img_w=144, batch_size=8, num_pos=4, lr=0.1, epochs=81, loss_tri="WRT",
                 margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50],
                 eval_every=2, amp=False),
@@ -107,8 +107,9 @@ def build_parser():
         help="random initialisation (no ImageNet weights)")
     add("--eval-every", dest="eval_every", type=int, help="evaluate after epochs e>0 with e %% N == 0 "
                                                          "and after the last epoch (IRL 1, AGW 2)")
-    add("--amp", action=argparse.BooleanOptionalAction, help="fp16 autocast + GradScaler (CUDA only; "
-                                                            "IRL on, AGW off)")
+    add("--amp", action=argparse.BooleanOptionalAction,
+        help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on the CPU (default: IRL on "
+             "CUDA only, as the official code; AGW off)")
     add("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     add("--val", action="store_true", default=None,
         help="select the best checkpoint on held-out training identities instead of the test set")
@@ -371,6 +372,17 @@ def plain(obj):
 # Distributed helpers
 # --------------------------------------------------------------------------------------------------
 
+AMP_NAMES = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def autocast_dtype(amp, device):
+    """Autocast dtype for the `amp` setting: True = on any device (fp16 + GradScaler on CUDA, bf16 on the
+    CPU, which needs no scaler), "cuda" = on CUDA only (the IRL default), False = off."""
+    if amp is True or (amp == "cuda" and device.type == "cuda"):
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return None
+
+
 def init_distributed(config, log):
     """(world_size, rank, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -423,7 +435,7 @@ def train_one_epoch(run, epoch):
         l_rgb, l_ir = label_map[l_rgb.long()], label_map[l_ir.long()]
         labels = torch.cat([l_rgb, l_rgb, l_ir, l_ir] if len(views) == 4 else [l_rgb, l_ir]).to(run.device)
         views = [v.to(run.device, non_blocking=True) for v in views]
-        with torch.autocast(device_type=run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             pool, logits = models.forward_views(run.net, views)
             total, id_loss, tri_loss = training_loss(run.criteria, pool, logits, labels)
         if any_rank_true(not torch.isfinite(total.detach()).item(), run.world_size):
@@ -480,8 +492,8 @@ def summary_line(result):
 def checkpoint_state(run, epoch, metrics):
     return {"format": models.CHECKPOINT_FORMAT, "model": run.bare_net.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "epoch": epoch, "best_metric": run.best_metric, "best_epoch": run.best_epoch, "rng": capture_rng_state(),
-            "config": dict(run.config), "metrics": metrics}
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "best_metric": run.best_metric,
+            "best_epoch": run.best_epoch, "rng": capture_rng_state(), "config": dict(run.config), "metrics": metrics}
 
 
 def due_for_evaluation(cfg, epoch):
@@ -571,14 +583,14 @@ def setup_run(args):
     protocol = (val_protocol or test_protocol(config)) if rank == 0 else None
     net = models.build_model(config["method"], data.num_classes, config["arch"], config["img_h"],
                              config["img_w"], pretrained=pretrained_arg(config, ckpt is not None)).to(device)
-    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"], momentum=0.9,
-                                nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
+                                momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))
-    use_amp = bool(config["amp"]) and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    amp_dtype = autocast_dtype(config["amp"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = Run(config=config, sources=sources, world_size=world_size, rank=rank, device=device, suffix=suffix,
               paths=paths, log=log, data=data, protocol=protocol, bare_net=net, net=net, optimizer=optimizer,
-              scheduler=scheduler, scaler=scaler, use_amp=use_amp, criteria=build_criteria(config),
+              scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, criteria=build_criteria(config),
               start_epoch=0, best_metric=-1.0, best_epoch=-1, last_good=None, tb=None)
     if ckpt:
         restore_training_state(run, ckpt, resume_path)
@@ -608,8 +620,8 @@ def train(args):
     if run.rank == 0:
         os.makedirs(cfg["model_path"], exist_ok=True)
         log.info(config_table(cfg, run.sources))
-        log.info(f"Device: {run.device}, processes: {run.world_size}, AMP: "
-                 f"{'fp16' if run.use_amp else 'off'}{'' if run.use_amp or not cfg['amp'] else ' (CUDA only)'}; "
+        cuda_only = " (CUDA only)" if cfg["amp"] == "cuda" and run.amp_dtype is None else ""
+        log.info(f"Device: {run.device}, processes: {run.world_size}, AMP: {AMP_NAMES[run.amp_dtype]}{cuda_only}; "
                  f"classes: {cfg['num_classes']}; model selection: {SELECTION_RULES[cfg['val']]}")
         if ckpt:
             log.info(f"Resuming {run.last_good} after epoch {run.start_epoch - 1} "

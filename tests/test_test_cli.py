@@ -85,6 +85,23 @@ def test_regdb_every_split_with_its_own_checkpoint(tmp_path_factory, tmp_path):
     assert summary["checkpoints"]["2"].endswith("trial_2_best.pth")
 
 
+def official_regdb_checkpoint(tmp_path):
+    """An official-format file (no record of its split) holding only a classifier."""
+    path = str(tmp_path / "regdb_official_best.t")
+    torch.save({"net": {"classifier.weight": torch.zeros(206, 2048)}, "epoch": 1}, path)
+    return path
+
+
+def test_regdb_plain_checkpoint_evaluates_the_split_it_was_trained_on(tmp_path_factory, tmp_path):
+    """`python test.py --dataset regdb --tvsearch True --resume path` works as written for our checkpoints."""
+    ws = workspace(tmp_path_factory)
+    regdb_pattern(tmp_path_factory)
+    summary = evaluate(ws, "regdb", checkpoint(tmp_path_factory, "regdb_t2"), "--tvsearch", "True",
+                       output=tmp_path / "t2v.json")
+    check_summary(summary, ("bn", "pool"), [2])
+    assert summary["protocol"]["tvsearch"] is True and list(summary["checkpoints"]) == ["2"]
+
+
 def test_regdb_thermal_to_visible_accepts_true_and_the_bare_flag(tmp_path_factory, tmp_path):
     parser = test_script.build_parser()
     for flags, expected in ((["--tvsearch"], True), (["--tvsearch", "True"], True), (["--tvsearch", "false"], False),
@@ -151,7 +168,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path_factory, tmp_path, capsys
         "missing checkpoint": (["--dataset", "sysu", "--data-path", ws.data["sysu"], "--resume",
                                 str(tmp_path / "none.pth")], "checkpoint not found"),
         "pattern without trial": (["--dataset", "regdb", "--data-path", ws.data["regdb"], "--resume",
-                                   str(tmp_path / "regdb_best.pth")], "containing {trial}"),
+                                   official_regdb_checkpoint(tmp_path)], "containing {trial}"),
         "missing split": (["--dataset", "regdb", "--data-path", ws.data["regdb"], "--resume",
                            regdb_pattern(tmp_path_factory), "--num-trials", "3"], "split 3"),
         "wrong dataset": (["--dataset", "llcm", "--data-path", ws.data["llcm"], "--resume", sysu()],

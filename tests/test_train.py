@@ -147,13 +147,21 @@ def test_unset_flags_take_the_methods_official_defaults():
     assert (irl["method"], irl["img_h"], irl["img_w"], irl["batch_size"], irl["num_pos"]) == ("irl", 384, 192, 6, 4)
     assert (irl["epochs"], irl["loss_tri"], irl["lr_scheduler"], irl["milestones"]) == (150, "QCT", "step",
                                                                                         [25, 90, 120])
-    assert irl["amp"] is True and irl["lr"] == 0.1 and irl["eval_every"] == 1
+    assert irl["amp"] == "cuda" and irl["lr"] == 0.1 and irl["eval_every"] == 1
     assert irl["data_path"] == "./dataset/SYSU-MM01/"           # Q-17 fixed
     assert sources["img_h"] == "irl default" and sources["dataset"] == "default"
     agw, _ = resolve(["--method", "agw", "--dataset", "regdb", "--img_h", "256"])
     assert (agw["img_h"], agw["img_w"], agw["batch_size"], agw["epochs"]) == (256, 144, 8, 81)
     assert (agw["loss_tri"], agw["lr_scheduler"], agw["margin"], agw["amp"]) == ("WRT", "agw", 0.3, False)
     assert agw["data_path"] == "./dataset/RegDB/"
+
+
+@pytest.mark.parametrize("amp, device, expected", [
+    ("cuda", "cuda", torch.float16), ("cuda", "cpu", None),        # IRL default: fp16 AMP on CUDA only
+    (True, "cuda", torch.float16), (True, "cpu", torch.bfloat16),  # --amp: bf16 autocast on the CPU
+    (False, "cuda", None), (False, "cpu", None)])
+def test_autocast_dtype_follows_the_amp_setting_and_device(amp, device, expected):
+    assert train_script.autocast_dtype(amp, torch.device(device)) is expected
 
 
 def test_run_suffix_follows_the_official_naming():
