@@ -25,12 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)   # ChannelRandomErasing fill (Q-15, kept)
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
-SYSU_NPY_FILES = {
-    "rgb_img": "train_rgb_resized_img.npy",
-    "rgb_label": "train_rgb_resized_label.npy",
-    "ir_img": "train_ir_resized_img.npy",
-    "ir_label": "train_ir_resized_label.npy",
-}
+SYSU_NPY_FILES = data_manager.SYSU_NPY_FILES
 TRAIN_METHODS = {"irl": 4, "agw": 1}    # method -> number of views per modality-pair item
 
 

@@ -38,6 +38,13 @@ LLCM_NIR_CAMS = ("cam1", "cam2", "cam4", "cam5", "cam6", "cam7", "cam8", "cam9")
 LLCM_MODAL_DIRS = {1: "test_vis", 2: "test_nir"}
 LLCM_MODAL_CAMS = {1: LLCM_VIS_CAMS, 2: LLCM_NIR_CAMS}
 REGDB_MODALS = ("visible", "thermal")
+# Pre-processed SYSU training files (REFERENCE 1.2): written by pre_process_sysu.py, read by data_loader.SYSUData.
+SYSU_NPY_FILES = {
+    "rgb_img": "train_rgb_resized_img.npy",
+    "rgb_label": "train_rgb_resized_label.npy",
+    "ir_img": "train_ir_resized_img.npy",
+    "ir_label": "train_ir_resized_label.npy",
+}
 
 VISIBLE, INFRARED = 1, 2  # modal numbers of the official code (stem selection at test time)
 

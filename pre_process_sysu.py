@@ -24,13 +24,7 @@ from tqdm import tqdm
 import data_manager
 from data_manager import DatasetError
 
-# Same names as data_loader.SYSU_NPY_FILES (this script stays torch-free: fast start, small footprint).
-OUTPUT_FILES = {
-    "rgb_img": "train_rgb_resized_img.npy",
-    "rgb_label": "train_rgb_resized_label.npy",
-    "ir_img": "train_ir_resized_img.npy",
-    "ir_label": "train_ir_resized_label.npy",
-}
+OUTPUT_FILES = data_manager.SYSU_NPY_FILES   # the names data_loader.SYSUData reads
 PARTIAL_SUFFIX = ".partial"
 WINDOW_BYTES = 32 << 20      # re-map the output every ~32 MB so written pages leave the resident set
 POOL_CHUNKSIZE = 8
