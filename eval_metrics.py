@@ -232,20 +232,19 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
                          f"got {len(trials)} ids for {len(trial_indices)} trials")
     transpose = bool(getattr(protocol, "transpose", False))
     query = (np.asarray(protocol.query_pids), np.asarray(protocol.query_cams))
+    gallery_pids, gallery_cams = np.asarray(protocol.gallery_pids), np.asarray(protocol.gallery_cams)
+    gallery_feats = {key: np.asarray(value) for key, value in gallery_feats.items()}
     per_trial = {mode: [] for mode in modes}
     for trial, indices in zip(trials, trial_indices):
         indices = np.asarray(indices)
-        gallery_trial = {key: np.asarray(value)[indices] for key, value in gallery_feats.items()}
-        gallery = (np.asarray(protocol.gallery_pids)[indices],
-                   np.asarray(protocol.gallery_cams)[indices])
+        gallery_trial = {key: value[indices] for key, value in gallery_feats.items()}
+        gallery = (gallery_pids[indices], gallery_cams[indices])
+        rows, columns = (gallery_trial, gallery), (query_feats, query)     # each row ranks the columns
+        if not transpose:
+            rows, columns = columns, rows
+        labels = _metric_labels(protocol.metric, rows[1], columns[1])     # the same for every mode
         for mode in modes:
-            if transpose:
-                dist = -similarity(gallery_trial, query_feats, mode)
-                labels = _metric_labels(protocol.metric, gallery, query)
-            else:
-                dist = -similarity(query_feats, gallery_trial, mode)
-                labels = _metric_labels(protocol.metric, query, gallery)
-            cmc, mAP, mINP = metric(dist, *labels)
+            cmc, mAP, mINP = metric(-similarity(rows[0], columns[0], mode), *labels)
             per_trial[mode].append({"trial": int(trial), "cmc": [float(v) for v in cmc],
                                     "mAP": float(mAP), "mINP": float(mINP)})
     mean = {mode: _summarise(results, np.mean) for mode, results in per_trial.items()}
