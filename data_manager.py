@@ -337,8 +337,8 @@ def process_gallery_sysu(data_path, mode="all", trial=0, *, shots=1):
 # RegDB
 
 
-def _regdb_list(data_path, name, check_files):
-    _require_dir(data_path, "RegDB dataset root")
+def _idx_list(data_path, name, check_files):
+    """(paths joined onto data_path, labels, list file) of the RegDB/LLCM list file data_path/idx/<name>."""
     list_file = os.path.join(data_path, "idx", name)
     rel_paths, labels = read_idx_file(list_file)
     paths = [os.path.join(data_path, rel.lstrip("/\\")) for rel in rel_paths]
@@ -347,20 +347,26 @@ def _regdb_list(data_path, name, check_files):
     return paths, labels, list_file
 
 
+def _training_lists(data_path, rgb_name, ir_name, check_files):
+    rgb_paths, rgb_labels, rgb_file = _idx_list(data_path, rgb_name, check_files)
+    ir_paths, ir_labels, ir_file = _idx_list(data_path, ir_name, check_files)
+    check_training_labels(rgb_labels, ir_labels, f"{rgb_file} / {ir_file}")
+    return rgb_paths, rgb_labels, ir_paths, ir_labels
+
+
 def process_test_regdb(img_dir, trial=1, modal="visible", *, check_files=True):
     """(img_paths, labels) of idx/test_{visible|thermal}_{trial}.txt; paths joined onto `img_dir`."""
     if modal not in REGDB_MODALS:
         raise ValueError(f"RegDB modal must be 'visible' or 'thermal', got {modal!r}")
-    paths, labels, _ = _regdb_list(img_dir, f"test_{modal}_{trial}.txt", check_files)
+    _require_dir(img_dir, "RegDB dataset root")
+    paths, labels, _ = _idx_list(img_dir, f"test_{modal}_{trial}.txt", check_files)
     return paths, labels
 
 
 def regdb_training_lists(data_path, trial, *, check_files=True):
     """(rgb_paths, rgb_labels, ir_paths, ir_labels) of idx/train_{visible,thermal}_{trial}.txt (Q-06 checked)."""
-    rgb_paths, rgb_labels, rgb_file = _regdb_list(data_path, f"train_visible_{trial}.txt", check_files)
-    ir_paths, ir_labels, ir_file = _regdb_list(data_path, f"train_thermal_{trial}.txt", check_files)
-    check_training_labels(rgb_labels, ir_labels, f"{rgb_file} / {ir_file}")
-    return rgb_paths, rgb_labels, ir_paths, ir_labels
+    _require_dir(data_path, "RegDB dataset root")
+    return _training_lists(data_path, f"train_visible_{trial}.txt", f"train_thermal_{trial}.txt", check_files)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,17 +399,7 @@ def _llcm_folders(data_path, mode):
 def llcm_training_lists(data_path, *, check_files=True):
     """(rgb_paths, rgb_labels, ir_paths, ir_labels) of idx/train_vis.txt and idx/train_nir.txt (Q-06)."""
     _require_dir(data_path, "LLCM dataset root")
-    lists = []
-    for name in ("train_vis.txt", "train_nir.txt"):
-        list_file = os.path.join(data_path, "idx", name)
-        rel_paths, labels = read_idx_file(list_file)
-        paths = [os.path.join(data_path, rel.lstrip("/\\")) for rel in rel_paths]
-        if check_files:
-            _check_files_exist(paths, list_file)
-        lists.append((paths, labels, list_file))
-    (rgb_paths, rgb_labels, rgb_file), (ir_paths, ir_labels, ir_file) = lists
-    check_training_labels(rgb_labels, ir_labels, f"{rgb_file} / {ir_file}")
-    return rgb_paths, rgb_labels, ir_paths, ir_labels
+    return _training_lists(data_path, "train_vis.txt", "train_nir.txt", check_files)
 
 
 def process_query_llcm(data_path, mode=1):
