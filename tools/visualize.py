@@ -230,8 +230,7 @@ def ranked_rows(feats: SavedFeatures, mode, trial_pos, num_queries, top_k, seed,
     """Build the row descriptions for `render_ranked_rows` (query choice, ranking, true/false flags)."""
     probes, ranked_set = feats.trial_sets(trial_pos)
     g_pids, g_cams = ranked_set["pids"], ranked_set["cams"]
-    sim = similarity({"pool": probes["pool"], "bn": probes["bn"]},
-                     {"pool": ranked_set["pool"], "bn": ranked_set["bn"]}, mode)
+    sim = similarity(probes, ranked_set, mode)          # reads only the pool/bn entries it needs
     keep = [~excluded_gallery(feats.metric, p, c, g_pids, g_cams) for p, c in zip(probes["pids"], probes["cams"])]
     rows = []
     for qi in pick_queries(probes["pids"], g_pids, keep, num_queries, seed):
@@ -251,12 +250,12 @@ def run_ranks(args) -> list:
     rows = ranked_rows(feats, args.feature, pos, args.num_queries, args.top_k, args.seed, args.image_root)
     os.makedirs(args.out, exist_ok=True)
     stem = f"ranks_{feats.protocol}_trial{feats.trials[pos]}_{args.feature}"
+    title = (f"{feats.protocol}  trial {feats.trials[pos]}  feature {args.feature}  "
+             f"top-{args.top_k}  (green = same identity, red = different)")
     pages = [rows[i:i + ROWS_PER_PAGE] for i in range(0, len(rows), ROWS_PER_PAGE)]
     written = []
     for p, page in enumerate(pages):
         name = f"{stem}.png" if len(pages) == 1 else f"{stem}_p{p}.png"
-        title = (f"{feats.protocol}  trial {feats.trials[pos]}  feature {args.feature}  "
-                 f"top-{args.top_k}  (green = same identity, red = different)")
         path = os.path.join(args.out, name)
         render_ranked_rows(page, args.top_k, title).save(path)
         written.append(path)
