@@ -180,7 +180,7 @@ def list_identity_folders(root, ids, cams):
     return folders
 
 
-def _cams_pids(paths):
+def _pids_cams(paths):
     pairs = [parse_cam_pid(p) for p in paths]
     cams = np.asarray([c for c, _ in pairs], dtype=np.int64)
     pids = np.asarray([p for _, p in pairs], dtype=np.int64)
@@ -284,8 +284,8 @@ def sysu_training_files(data_path, use_val=True):
 
 def sysu_training_labels(rgb_files, ir_files):
     """(rgb_labels, ir_labels) int64: label = rank of the pid among the sorted IR training pids (Q-04)."""
-    rgb_pids, _ = _cams_pids(rgb_files)
-    ir_pids, _ = _cams_pids(ir_files)
+    rgb_pids, _ = _pids_cams(rgb_files)
+    ir_pids, _ = _pids_cams(ir_files)
     sorted_pids = np.unique(ir_pids)
     if not np.isin(rgb_pids, sorted_pids).all():
         raise DatasetError("an RGB training identity has no IR images (labels are defined by IR pids)")
@@ -309,7 +309,7 @@ def process_query_sysu(data_path, mode="all"):
     _sysu_cams(mode)
     folders = list_identity_folders(data_path, _sysu_test_ids(data_path), SYSU_IR_CAMS)
     paths = _nonempty(gallery_candidates(folders)[0], "SYSU query (IR)", data_path)
-    pids, cams = _cams_pids(paths)
+    pids, cams = _pids_cams(paths)
     return paths, pids, cams
 
 
@@ -323,7 +323,7 @@ def _sysu_gallery_folders(data_path, mode):
 def _sampled(folders, trial, shots):
     paths, sizes = gallery_candidates(folders)
     picked = [paths[i] for i in sample_gallery_indices(sizes, trial, shots)]
-    pids, cams = _cams_pids(picked)
+    pids, cams = _pids_cams(picked)
     return picked, pids, cams
 
 
@@ -405,7 +405,7 @@ def llcm_training_lists(data_path, *, check_files=True):
 def process_query_llcm(data_path, mode=1):
     """(img_paths, pids, cams): every test image of modality `mode` (1 = test_vis, 2 = test_nir)."""
     paths = gallery_candidates(_llcm_folders(data_path, mode))[0]
-    pids, cams = _cams_pids(paths)
+    pids, cams = _pids_cams(paths)
     return paths, pids, cams
 
 
@@ -440,7 +440,6 @@ class TestProtocol:
     trials: list = field(default_factory=list)
     transpose: bool = False
 
-
     def used_gallery_only(self):
         """The same protocol with only the gallery images some trial uses, so each is extracted once."""
         used = np.unique(np.concatenate([np.asarray(t, dtype=np.int64) for t in self.trial_indices]))
@@ -460,7 +459,7 @@ def _protocol_from_folders(name, metric, query, query_modal, folders, gallery_mo
                            transpose=False):
     query_paths, query_pids, query_cams = query
     gallery_paths, sizes = gallery_candidates(folders)
-    gallery_pids, gallery_cams = _cams_pids(gallery_paths)
+    gallery_pids, gallery_cams = _pids_cams(gallery_paths)
     trials = [int(t) for t in trials]
     return TestProtocol(name=name, metric=metric, query_paths=query_paths, query_pids=query_pids,
                         query_cams=query_cams, query_modal=query_modal, gallery_paths=gallery_paths,
