@@ -102,9 +102,9 @@ def checkpoint_path(args, trial=None):
     return path
 
 
-def trained_split(path, num_trials):
+def trained_split(ckpt, path, num_trials):
     """The RegDB split a checkpoint of ours was trained on; official checkpoints do not record it."""
-    config = utils.load_torch_file(path).get("config") or {}
+    config = ckpt.get("config") or {}
     if config.get("dataset") == "regdb" and config.get("trial") is not None:
         return int(config["trial"])
     raise utils.ConfigError(f"RegDB evaluates {num_trials} splits, each with its own checkpoint, and {path} does "
@@ -113,16 +113,17 @@ def trained_split(path, num_trials):
 
 
 def protocol_jobs(args, data_path):
-    """[(protocol, checkpoint path)]: one per RegDB split, otherwise one with all gallery trials."""
+    """[(protocol, checkpoint path, checkpoint if already loaded else None)]: one per RegDB split,
+    otherwise one with all gallery trials."""
     if args.dataset == "regdb":
-        if args.trial is not None:
-            splits = [args.trial]
-        elif "{trial}" in args.resume:
-            splits = list(range(1, args.num_trials + 1))
-        else:
-            splits = [trained_split(checkpoint_path(args), args.num_trials)]
+        if args.trial is None and "{trial}" not in args.resume:     # one checkpoint: read it once
+            path = checkpoint_path(args)
+            ckpt = utils.load_torch_file(path)
+            split = trained_split(ckpt, path, args.num_trials)
+            return [(data_manager.regdb_protocol(data_path, split, tvsearch=args.tvsearch), path, ckpt)]
+        splits = [args.trial] if args.trial is not None else list(range(1, args.num_trials + 1))
         paths = [checkpoint_path(args, t) for t in splits]     # every checkpoint must exist up front
-        return [(data_manager.regdb_protocol(data_path, t, tvsearch=args.tvsearch), path)
+        return [(data_manager.regdb_protocol(data_path, t, tvsearch=args.tvsearch), path, None)
                 for t, path in zip(splits, paths)]
     trials = [args.trial] if args.trial is not None else list(range(args.num_trials))
     if args.dataset == "sysu":
@@ -130,7 +131,7 @@ def protocol_jobs(args, data_path):
     else:
         protocol = data_manager.llcm_protocol(data_path, direction=args.direction or "ir2vis", trials=trials,
                                               shots=args.shots, deen_transposed=args.deen_transposed)
-    return [(protocol, checkpoint_path(args))]
+    return [(protocol, checkpoint_path(args), None)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,8 +171,7 @@ def model_settings(ckpt, path, args, trial=None):
             "img_w": args.img_w or img_w, "num_classes": num_classes, "source": "official checkpoint"}
 
 
-def load_model(path, args, device, trial=None):
-    ckpt = utils.load_torch_file(path)
+def load_model(ckpt, path, args, device, trial=None):
     settings = model_settings(ckpt, path, args, trial)
     net = models.build_model(settings["method"], settings["num_classes"], settings["arch"], settings["img_h"],
                              settings["img_w"], pretrained=None)
@@ -278,9 +278,9 @@ def run_test(args):
     jobs = protocol_jobs(args, data_path)
     per_trial = {mode: [] for mode in modes}
     checkpoints, settings, protocol_info = {}, None, None
-    for protocol, path in jobs:
+    for protocol, path, ckpt in jobs:
         split = protocol.trials[0] if args.dataset == "regdb" else None
-        net, settings = load_model(path, args, device, split)
+        net, settings = load_model(utils.load_torch_file(path) if ckpt is None else ckpt, path, args, device, split)
         log.info(f"{protocol.name}: {path} ({settings['source']}: {settings['method']} {settings['arch']} "
                  f"{settings['img_h']}x{settings['img_w']}, {settings['num_classes']} classes)")
         protocol = protocol.used_gallery_only()
