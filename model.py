@@ -250,7 +250,7 @@ def _backbone_parts(arch, n_stems, pretrained):
     if pretrained:
         path = None if pretrained is True else os.fspath(pretrained)
         state = resnet.imagenet_state_dict(arch, path)     # read once, shared by every stem and the trunk
-        source = f"{arch} ImageNet weights {path or resnet.cached_imagenet_file(arch)}"
+        source = resnet.imagenet_source(arch, path)
         for part in stems + [trunk]:
             resnet.apply_imagenet_state(part, state, source)
     return stems, trunk

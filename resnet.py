@@ -161,9 +161,13 @@ def resnet50(pretrained=False, last_conv_stride=1, **kw):
     return build_resnet("resnet50", pretrained, last_conv_stride, **kw)
 
 
+def _hub_checkpoints_dir():
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
 def cached_imagenet_file(arch):
     """Path of torchvision's cached IMAGENET1K_V1 file for `arch`, or None when it is not cached."""
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    folder = _hub_checkpoints_dir()
     for name in IMAGENET_FILES[arch]:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
@@ -179,9 +183,8 @@ def imagenet_state_dict(arch, path=None):
     if path is None:
         path = cached_imagenet_file(arch)
         if path is None:
-            folder = os.path.join(torch.hub.get_dir(), "checkpoints")
             raise PretrainedWeightsError(f"ImageNet weights for {arch} ({IMAGENET_FILES[arch][0]}) are not in "
-                                         f"torchvision's cache {folder}; {how}")
+                                         f"torchvision's cache {_hub_checkpoints_dir()}; {how}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PretrainedWeightsError(f"ImageNet weights file not found: {path}; {how}")
@@ -197,8 +200,12 @@ def imagenet_state_dict(arch, path=None):
 def load_imagenet_weights(model, arch, path=None):
     """Load ImageNet weights (local file `path`, else torchvision's cache) into a ResNet, ResNetStem or
     trunk (with_stem=False) of `arch`."""
-    source = f"{arch} ImageNet weights {path or cached_imagenet_file(arch)}"
-    apply_imagenet_state(model, imagenet_state_dict(arch, path), source)
+    apply_imagenet_state(model, imagenet_state_dict(arch, path), imagenet_source(arch, path))
+
+
+def imagenet_source(arch, path=None):
+    """How error messages name the ImageNet weights of `arch`: the file given, else the cached one."""
+    return f"{arch} ImageNet weights {path or cached_imagenet_file(arch)}"
 
 
 def apply_imagenet_state(model, state, source):
