@@ -33,7 +33,15 @@ TRAIN_METHODS = {"irl": 4, "agw": 1}    # method -> number of views per modality
 # Channel augmentations (REFERENCE 5.1), in place on a normalised 3xHxW tensor
 # ---------------------------------------------------------------------------------------------------
 
-class ChannelRandomErasing:
+class _ChannelAugmentation:
+    """Shared __repr__: the class name and the constructor arguments, which each subclass stores as-is."""
+
+    def __repr__(self):
+        args = ", ".join(f"{key}={value}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class ChannelRandomErasing(_ChannelAugmentation):
     """Erase one random rectangle with a per-channel constant (CAJ / IRL version).
 
     RNG order: u; then per attempt U(sl, sh), U(r1, 1/r1); the two randints only for a fitting attempt.
@@ -60,11 +68,8 @@ class ChannelRandomErasing:
                 return img
         return img
 
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p}, sl={self.sl}, sh={self.sh}, r1={self.r1}, fill={self.fill})"
 
-
-class ChannelExchange:
+class ChannelExchange(_ChannelAugmentation):
     """Replicate one randomly chosen channel: k = randint(0, gray); k < 3 copies channel k to all three.
 
     k >= 3 (only reachable with gray >= 3) writes the weighted gray image instead. IRL uses gray=2.
@@ -82,11 +87,8 @@ class ChannelExchange:
         img[0], img[1], img[2] = source, source, source
         return img
 
-    def __repr__(self):
-        return f"{type(self).__name__}(gray={self.gray})"
 
-
-class ChannelAdapGray:
+class ChannelAdapGray(_ChannelAugmentation):
     """IRL's variant: 50 % G-replicate, else with probability p the weighted gray image (25 % / 25 %)."""
 
     def __init__(self, p=0.5):
@@ -101,11 +103,8 @@ class ChannelAdapGray:
             img[0], img[1], img[2] = gray, gray, gray
         return img
 
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p})"
 
-
-class ChannelT:
+class ChannelT(_ChannelAugmentation):
     """"Low-light" scaling: with probability p multiply each channel by 2*U(0.01, 0.5) (factor in [0.02, 1])."""
 
     def __init__(self, p=0.5):
@@ -118,9 +117,6 @@ class ChannelT:
         for c, factor in enumerate(factors):
             img[c] = img[c] * factor
         return img
-
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p})"
 
 
 def _weighted_gray(img):

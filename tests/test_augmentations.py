@@ -290,3 +290,12 @@ def test_test_transform_is_plain_normalisation_of_presized_images():
     out = build_test_transform(128, 64)(image)
     expected = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(T.ToTensor()(image))
     assert torch.equal(out, expected)
+
+
+def test_augmentation_reprs_name_class_and_arguments():
+    # Shown in printed transform chains; built by the shared base class from the stored arguments.
+    assert repr(ChannelRandomErasing(p=0.3, sl=0.1, sh=0.2, r1=0.5, fill=[1, 2, 3])) == \
+        "ChannelRandomErasing(p=0.3, sl=0.1, sh=0.2, r1=0.5, fill=(1, 2, 3))"
+    assert repr(ChannelExchange(gray=3)) == "ChannelExchange(gray=3)"
+    assert repr(ChannelAdapGray(p=0.25)) == "ChannelAdapGray(p=0.25)"
+    assert repr(ChannelT(p=0.75)) == "ChannelT(p=0.75)"
