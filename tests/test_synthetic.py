@@ -100,7 +100,8 @@ def test_llcm_layout(trees):
     name_re = r"(train|test)_(vis|nir)/cam([1-9])/(\d{4})/\4_c0\3_s\d{6}_f\d{4}_\2\.jpg"
     files = image_files(data)
     assert files and all(re.fullmatch(name_re, f) for f in files)
-    assert os.path.isdir(os.path.join(data, "test_nir", "cam3")) and not os.listdir(os.path.join(data, "test_nir", "cam3"))
+    nir_cam3 = os.path.join(data, "test_nir", "cam3")
+    assert os.path.isdir(nir_cam3) and not os.listdir(nir_cam3)
     assert not any(f.startswith(("test_nir/cam3", "train_nir/cam3")) for f in files)
     rgb, rgb_labels, ir, ir_labels = dm.llcm_training_lists(data)
     assert set(rgb_labels.tolist()) == set(ir_labels.tolist()) == set(range(12))
