@@ -475,11 +475,13 @@ def param_groups(model, lr, backbone_lr_mult=0.1):
     Only trainable parameters are listed (the frozen BNNeck bias gets no gradient either way).
     """
     net = unwrap(model)
-    head = {id(p) for p in net.bottleneck.parameters()} | {id(p) for p in net.classifier.parameters()}
+    bottleneck = [p for p in net.bottleneck.parameters() if p.requires_grad]
+    classifier = [p for p in net.classifier.parameters() if p.requires_grad]
+    head = {id(p) for p in bottleneck + classifier}
     backbone = [p for p in net.parameters() if p.requires_grad and id(p) not in head]
     return [{"params": backbone, "lr": backbone_lr_mult * lr, "name": "backbone"},
-            {"params": [p for p in net.bottleneck.parameters() if p.requires_grad], "lr": lr, "name": "bottleneck"},
-            {"params": [p for p in net.classifier.parameters() if p.requires_grad], "lr": lr, "name": "classifier"}]
+            {"params": bottleneck, "lr": lr, "name": "bottleneck"},
+            {"params": classifier, "lr": lr, "name": "classifier"}]
 
 
 # ----------------------------------------------------------------------------------------------------
