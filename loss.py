@@ -133,7 +133,7 @@ class CenterTripletLoss(nn.Module):
             dist_pc = _row_norm(x - centers)
             anchors = torch.arange(0, x.shape[0], self.k_size, device=x.device)
             center_dist = comp_dist(centers[anchors], centers)
-            negatives = ~_same_label(labels)[anchors]
+            negatives = labels[anchors][:, None] != labels[None, :]     # anchor rows only, not n x n
             hinge = _masked_mean(F.relu(self.margin - center_dist), negatives)
             return (dist_pc.mean() + hinge.mean()) / 2
 
