@@ -295,7 +295,7 @@ def run_test(args):
         for entry in result["per_trial"][modes[0]]:
             log.info(f"  trial {entry['trial']}: {MODE_LABELS[modes[0]]} Rank-1 {100 * entry['cmc'][0]:.2f}% "
                      f"mAP {100 * entry['mAP']:.2f}% mINP {100 * entry['mINP']:.2f}%")
-        checkpoints[str(protocol.trials[0] if split is not None else "all")] = path
+        checkpoints["all" if split is None else str(split)] = path
         if protocol_info is None:
             first = protocol.trial_indices[0]
             protocol_info = {"num_query": len(protocol.query_paths), "num_gallery": len(first),
