@@ -597,7 +597,7 @@ def setup_run(args):
     if world_size > 1:
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    return run, ckpt
+    return run, (ckpt["rng"] if ckpt else None)    # the rest of the checkpoint is loaded; let it go
 
 
 def restore_training_state(run, ckpt, path):
@@ -615,7 +615,7 @@ def restore_training_state(run, ckpt, path):
 
 
 def train(args):
-    run, ckpt = setup_run(args)
+    run, resume_rng = setup_run(args)
     cfg, log = run.config, run.log
     if run.rank == 0:
         os.makedirs(cfg["model_path"], exist_ok=True)
@@ -623,15 +623,15 @@ def train(args):
         cuda_only = " (CUDA only)" if cfg["amp"] == "cuda" and run.amp_dtype is None else ""
         log.info(f"Device: {run.device}, processes: {run.world_size}, AMP: {AMP_NAMES[run.amp_dtype]}{cuda_only}; "
                  f"classes: {cfg['num_classes']}; model selection: {SELECTION_RULES[cfg['val']]}")
-        if ckpt:
+        if resume_rng is not None:
             log.info(f"Resuming {run.last_good} after epoch {run.start_epoch - 1} "
                      f"(best BN Rank-1 {100 * max(run.best_metric, 0):.2f}% at epoch {run.best_epoch})")
             truncate_metrics(run.paths["metrics"], run.start_epoch - 1)
         else:
             open(run.paths["metrics"], "w").close()
         run.tb = tensorboard_writer(cfg["log_path"], run.suffix)
-    if ckpt:
-        restore_rng_state(ckpt["rng"])     # last: setup consumed RNG identically in both runs
+    if resume_rng is not None:
+        restore_rng_state(resume_rng)     # last: setup consumed RNG identically in both runs
     for epoch in range(run.start_epoch, cfg["epochs"]):
         start = time.time()
         stats = train_one_epoch(run, epoch)
