@@ -30,7 +30,7 @@ def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stabl
         distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
 
     def removed(rows):
-        return (q_camids[rows] == 3)[:, None] & (g_camids == 2)[None, :]
+        return removed_gallery("sysu", q_pids[rows], q_camids[rows], g_pids, g_camids)
 
     return _evaluate(distmat, q_pids, g_pids, removed, max_rank, dedup_cmc=True,
                      stable_sort=stable_sort)
@@ -43,8 +43,7 @@ def eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stabl
         distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
 
     def removed(rows):
-        same_pid = q_pids[rows][:, None] == g_pids[None, :]
-        return same_pid & (q_camids[rows][:, None] == g_camids[None, :])
+        return removed_gallery("llcm", q_pids[rows], q_camids[rows], g_pids, g_camids)
 
     return _evaluate(distmat, q_pids, g_pids, removed, max_rank, dedup_cmc=True,
                      stable_sort=stable_sort)
@@ -56,6 +55,20 @@ def eval_regdb(distmat, q_pids, g_pids, max_rank=20, *, stable_sort=False):
     distmat, q_pids, g_pids, _, _ = _check_inputs(distmat, q_pids, g_pids, None, None, max_rank)
     return _evaluate(distmat, q_pids, g_pids, None, max_rank, dedup_cmc=False,
                      stable_sort=stable_sort)
+
+
+def removed_gallery(metric, q_pids, q_cams, g_pids, g_cams):
+    """bool [num_q, num_g]: the gallery items `metric` ignores for each query (REFERENCE 3.1-3.3).
+
+    sysu: gallery camera 2 for queries from camera 3 (same indoor scene); llcm: same pid and same camera;
+    any other metric (regdb): nothing.
+    """
+    q_pids, q_cams, g_pids, g_cams = (np.asarray(a) for a in (q_pids, q_cams, g_pids, g_cams))
+    if metric == "sysu":
+        return (q_cams == 3)[:, None] & (g_cams == 2)[None, :]
+    if metric == "llcm":
+        return (q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] == g_cams[None, :])
+    return np.zeros((len(q_pids), len(g_pids)), dtype=bool)
 
 
 def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):

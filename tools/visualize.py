@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from eval_metrics import similarity  # noqa: E402  (needs the repo root on sys.path)
+from eval_metrics import removed_gallery, similarity  # noqa: E402  (needs the repo root on sys.path)
 
 MATPLOTLIB_MISSING = "matplotlib is required for figures: pip install matplotlib"
 VISIBLE, INFRARED = 1, 2                      # modality codes used in the npz (query_modal / gallery_modal)
@@ -124,11 +124,7 @@ def _trial_indices(data, trials, path):
 # --------------------------------------------------------------------------------------------------
 def excluded_gallery(metric, q_pid, q_cam, g_pids, g_cams):
     """Gallery entries the evaluation metric ignores for this query (REFERENCE 3.1-3.3)."""
-    if metric == "sysu" and q_cam == 3:
-        return g_cams == 2                      # cameras 2 and 3 share the indoor scene
-    if metric == "llcm":
-        return (g_pids == q_pid) & (g_cams == q_cam)
-    return np.zeros(len(g_pids), dtype=bool)
+    return removed_gallery(metric, [q_pid], [q_cam], g_pids, g_cams)[0]
 
 
 def rank_gallery(sim_row, excluded):
