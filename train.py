@@ -72,7 +72,7 @@ def build_parser():
     add = p.add_argument
     # Official flags (names as in the IRL repository). Defaults of None are filled per method.
     add("--dataset", choices=DATASETS, help="sysu | regdb | llcm (default sysu)")
-    add("--lr", type=float, help="base LR of the heads; the backbone group uses 0.1x (default 0.1)")
+    add("--lr", type=float, help="base LR of the heads; the backbone uses --backbone-lr-mult x this (default 0.1)")
     add("--optim", help="optimizer; only SGD is implemented (Q-18)")
     add("--batch-size", dest="batch_size", type=int, help="identities per batch B (IRL 6, AGW 8)")
     add("--num_pos", type=int, help="images per identity and modality P (default 4)")
@@ -87,7 +87,7 @@ def build_parser():
     add("--save_epoch", type=int, help="periodic checkpoint every N epochs (default 20)")
     add("--test-batch", dest="test_batch", type=int, help="evaluation batch size (default 64)")
     add("--workers", type=int, help="data loader workers (default 4)")
-    add("--margin", type=float, help="OriTriplet margin (IRL 0.7, AGW 0.3); QCT uses 0.7 fixed")
+    add("--margin", type=float, help="OriTriplet margin (IRL 0.7, AGW 0.3); QCT uses 0.7 fixed, WRT none")
     add("--loss_tri", choices=("QCT", "WRT", "OriTriplet"), help="metric loss (IRL QCT, AGW WRT)")
     add("--lr_scheduler", choices=utils.LR_MODES + ("agw",), help="IRL step (warmup + x0.1), AGW agw")
     add("--mode", choices=("all", "indoor"), help="SYSU search mode used for evaluation (default all)")
@@ -369,7 +369,7 @@ def plain(obj):
 
 
 # --------------------------------------------------------------------------------------------------
-# Distributed helpers
+# Devices, AMP and distributed helpers
 # --------------------------------------------------------------------------------------------------
 
 AMP_NAMES = {None: "off", torch.float16: "fp16", torch.bfloat16: "bf16"}
