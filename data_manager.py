@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+# Where each dataset's root is looked for when no --data-path is given (relative to the working directory).
+DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/", "llcm": "./dataset/LLCM/"}
 SYSU_RGB_CAMS = ("cam1", "cam2", "cam4", "cam5")
 SYSU_IR_CAMS = ("cam3", "cam6")
 SYSU_INDOOR_CAMS = ("cam1", "cam2")

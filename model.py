@@ -564,18 +564,19 @@ def _check_state(net, state, fmt, source):
                           f"({net.img_h}x{net.img_w}, {net.num_classes} classes): " + "; ".join(problems))
 
 
-def load_checkpoint(model, path_or_state):
+def load_checkpoint(model, path_or_state, *, source=None):
     """Load our checkpoint, an official IRL/AGW one or a bare state dict into `model`; returns metadata.
 
     metadata: format ('vireid-ckpt-v1' | 'official' | 'state_dict'), epoch, config (ours) and cmc/mAP/mINP
-    (official, as plain Python numbers). Mismatches raise utils.CheckpointError before anything is loaded.
+    (official, as plain Python numbers). Mismatches raise utils.CheckpointError before anything is loaded;
+    `source` names an already-loaded checkpoint in those messages (a path names itself).
     """
     net = unwrap(model)
     if isinstance(path_or_state, (str, os.PathLike)):
         source = os.fspath(path_or_state)
         ckpt = load_torch_file(source)   # weights_only + numpy allow-list: never runs checkpoint code
     else:
-        source, ckpt = "checkpoint", path_or_state
+        source, ckpt = source or "checkpoint", path_or_state
     state, meta = _split_checkpoint(ckpt, source)
     config = meta.get("config") or {}
     for field in ("method", "arch"):

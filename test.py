@@ -20,8 +20,6 @@ import eval_metrics
 import model as models
 import utils
 
-DATASETS = ("sysu", "regdb", "llcm")
-DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/", "llcm": "./dataset/LLCM/"}
 # Classifier sizes of the released models (REFERENCE 9): a mismatch usually means the wrong checkpoint.
 OFFICIAL_NUM_CLASSES = {"sysu": 395, "regdb": 206, "llcm": 713}
 METHOD_IMG_SIZE = {"irl": (384, 192), "agw": (288, 144)}
@@ -33,7 +31,7 @@ RANKS = (1, 5, 10, 20)
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--dataset", choices=DATASETS, default="sysu")
+    add("--dataset", choices=tuple(data_manager.DEFAULT_DATA_PATHS), default="sysu")
     add("--data-path", dest="data_path", help="dataset root (default ./dataset/<SYSU-MM01|RegDB|LLCM>/)")
     add("--resume", required=True,
         help="checkpoint to evaluate (ours or official); for RegDB without --trial a pattern containing "
@@ -175,7 +173,7 @@ def load_model(ckpt, path, args, device, trial=None):
     settings = model_settings(ckpt, path, args, trial)
     net = models.build_model(settings["method"], settings["num_classes"], settings["arch"], settings["img_h"],
                              settings["img_w"], pretrained=None)
-    models.load_checkpoint(net, ckpt)
+    models.load_checkpoint(net, ckpt, source=path)
     return net.to(device).eval(), settings
 
 
@@ -273,7 +271,7 @@ def run_test(args):
     check_args(args)
     log = utils.setup_logger("test")
     device = utils.resolve_device(args.device, args.gpu, logger=log)
-    data_path = args.data_path or DEFAULT_DATA_PATHS[args.dataset]
+    data_path = args.data_path or data_manager.DEFAULT_DATA_PATHS[args.dataset]
     modes = tuple(args.modes or DEFAULT_MODES[args.dataset])
     jobs = protocol_jobs(args, data_path)
     per_trial = {mode: [] for mode in modes}

@@ -32,8 +32,6 @@ import model as models
 import resnet
 import utils
 
-DATASETS = ("sysu", "regdb", "llcm")
-DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/", "llcm": "./dataset/LLCM/"}
 
 # Official recipes. IRL: its train.py (REFERENCE 8.5 / 11.1). AGW: the cross-modality baseline repository
 # (train.py defaults: 288x144, 8 ids x 4, lr 0.1 with its own warmup/step schedule, CE + weighted
@@ -71,7 +69,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     # Official flags (names as in the IRL repository). Defaults of None are filled per method.
-    add("--dataset", choices=DATASETS, help="sysu | regdb | llcm (default sysu)")
+    add("--dataset", choices=tuple(data_manager.DEFAULT_DATA_PATHS), help="sysu | regdb | llcm (default sysu)")
     add("--lr", type=float, help="base LR of the heads; the backbone uses --backbone-lr-mult x this (default 0.1)")
     add("--optim", help="optimizer; only SGD is implemented (Q-18)")
     add("--batch-size", dest="batch_size", type=int, help="identities per batch B (IRL 6, AGW 8)")
@@ -142,7 +140,7 @@ def resolve_config(args, saved=None):
         else:
             config[key], sources[key] = None, "default"
     if config["data_path"] is None:
-        config["data_path"], sources["data_path"] = DEFAULT_DATA_PATHS[config["dataset"]], "default"
+        config["data_path"], sources["data_path"] = data_manager.DEFAULT_DATA_PATHS[config["dataset"]], "default"
     config["resume"] = args.resume
     validate_config(config)
     if config["lr_scheduler"] == "agw" and "flag" in (sources["warmup_epochs"], sources["milestones"]):

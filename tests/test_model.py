@@ -397,10 +397,10 @@ def test_goldens_through_official_checkpoint(official_models, official_files, me
     np.testing.assert_allclose(logits.numpy(), golden["train_logits"], rtol=0, atol=2e-3)
 
 
-def assert_rejected(net, state, *patterns):
+def assert_rejected(net, state, *patterns, source=None):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(CheckpointError) as excinfo:
-        M.load_checkpoint(net, state)
+        M.load_checkpoint(net, state, source=source)
     message = str(excinfo.value)
     for pattern in patterns:
         assert re.search(pattern, message), message
@@ -422,6 +422,8 @@ def test_official_class_count_mismatch(official_models, irl_official_state):
 def test_official_leftovers_must_be_exactly_the_unused_set(official_models, irl_official_state):
     net = official_models["irl"]
     assert_rejected(net, {"net": dict(irl_official_state, bogus=torch.zeros(1))}, "unexpected 1 keys: bogus")
+    assert_rejected(net, {"net": dict(irl_official_state, bogus=torch.zeros(1))}, "^runs/x_best.t ",
+                    source="runs/x_best.t")      # an already-loaded checkpoint is named by `source`
     no_sin = {k: v for k, v in irl_official_state.items() if k != "sin"}
     assert_rejected(net, {"net": no_sin}, "missing 1 keys: sin")
     no_used = {k: v for k, v in irl_official_state.items() if not k.startswith("NAF1.")}
