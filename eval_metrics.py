@@ -26,24 +26,22 @@ def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stabl
     Returns (cmc float32 [max_rank], mAP, mINP); rank-k of the CMC means "the true identity is
     among the first k distinct identities of the ranking" (REFERENCE 3.2).
     """
-    distmat, q_pids, g_pids, q_camids, g_camids = _check_inputs(
-        distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
-
-    def removed(rows):
-        return removed_gallery("sysu", q_pids[rows], q_camids[rows], g_pids, g_camids)
-
-    return _evaluate(distmat, q_pids, g_pids, removed, max_rank, dedup_cmc=True,
-                     stable_sort=stable_sort)
+    return _eval_dedup("sysu", distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort)
 
 
 def eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stable_sort=False):
     """LLCM metric: gallery items with the query's pid and camera number are ignored;
     identity de-duplicated CMC like eval_sysu (REFERENCE 3.3). Returns (cmc, mAP, mINP)."""
+    return _eval_dedup("llcm", distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort)
+
+
+def _eval_dedup(metric, distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort):
+    """Shared body of eval_sysu / eval_llcm: `metric` picks the gallery-removal rule."""
     distmat, q_pids, g_pids, q_camids, g_camids = _check_inputs(
         distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
 
     def removed(rows):
-        return removed_gallery("llcm", q_pids[rows], q_camids[rows], g_pids, g_camids)
+        return removed_gallery(metric, q_pids[rows], q_camids[rows], g_pids, g_camids)
 
     return _evaluate(distmat, q_pids, g_pids, removed, max_rank, dedup_cmc=True,
                      stable_sort=stable_sort)
@@ -220,6 +218,18 @@ def similarity(qf, gf, mode):
 
 
 _METRICS = {"sysu": eval_sysu, "regdb": eval_regdb, "llcm": eval_llcm}
+
+
+def non_finite_warnings(query_feats, gallery_feats):
+    """One warning line per side whose feature rows are not all finite: eval-mode activations of a barely
+    trained model can overflow, and their ranking is then arbitrary rather than a result."""
+    warnings = []
+    for side, feats in (("query", query_feats), ("gallery", gallery_feats)):
+        finite = np.logical_and.reduce([np.isfinite(np.asarray(value)).all(axis=1) for value in feats.values()])
+        if not finite.all():
+            warnings.append(f"warning: {int((~finite).sum())} of {len(finite)} {side} features are not finite "
+                            f"(eval-mode overflow, e.g. an undertrained model); their ranking is arbitrary")
+    return warnings
 
 
 def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")):

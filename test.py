@@ -193,14 +193,6 @@ def padded_cmc(cmc, length=max(RANKS)):
     return list(cmc) + [cmc[-1]] * (length - len(cmc))
 
 
-def warn_non_finite(log, feats, what):
-    """Eval-mode activations of a barely trained model can overflow; say so instead of ranking silently."""
-    bad = int((~np.isfinite(feats["pool"]).all(1) | ~np.isfinite(feats["bn"]).all(1)).sum())
-    if bad:
-        log.warning(f"warning: {bad} of {len(feats['pool'])} {what} features are not finite (eval-mode overflow, "
-                    f"e.g. an undertrained model); their ranking is arbitrary")
-
-
 def summarise(per_trial):
     """Mean and population std over trials of the CMC curve (padded to 20 ranks), mAP and mINP."""
     def reduce(results, fn):
@@ -285,8 +277,8 @@ def run_test(args):
         query = extract(net, protocol.query_paths, protocol.query_pids, protocol.query_modal, settings, args, device)
         gallery = extract(net, protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal, settings,
                           args, device)
-        warn_non_finite(log, query, "query")
-        warn_non_finite(log, gallery, "gallery")
+        for message in eval_metrics.non_finite_warnings(query, gallery):
+            log.warning(message)
         result = eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes)
         for mode in modes:
             per_trial[mode].extend(result["per_trial"][mode])

@@ -460,20 +460,12 @@ def extract(net, paths, pids, modal, cfg, device):
     return {"pool": pool, "bn": bn}
 
 
-def warn_non_finite(log, feats, what):
-    """Eval-mode activations of a barely trained model can overflow; say so instead of ranking silently."""
-    bad = int((~np.isfinite(feats["pool"]).all(1) | ~np.isfinite(feats["bn"]).all(1)).sum())
-    if bad:
-        log.warning(f"warning: {bad} of {len(feats['pool'])} {what} features are not finite (eval-mode overflow, "
-                    f"e.g. an undertrained model); their ranking is arbitrary")
-
-
 def evaluate(run):
     p = run.protocol
     query = extract(run.bare_net, p.query_paths, p.query_pids, p.query_modal, run.config, run.device)
     gallery = extract(run.bare_net, p.gallery_paths, p.gallery_pids, p.gallery_modal, run.config, run.device)
-    warn_non_finite(run.log, query, "query")
-    warn_non_finite(run.log, gallery, "gallery")
+    for message in eval_metrics.non_finite_warnings(query, gallery):
+        run.log.warning(message)
     return plain(eval_metrics.evaluate_protocol(query, gallery, p, modes=("bn", "pool")))
 
 

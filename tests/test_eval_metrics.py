@@ -521,3 +521,15 @@ def test_evaluate_protocol_errors(change, message):
     qf, gf = _features(rng, 30), _features(rng, len(protocol.gallery_pids))
     with pytest.raises(ValueError, match=message):
         evaluate_protocol(qf, gf, protocol)
+
+
+def test_non_finite_warnings_count_rows_with_any_bad_feature():
+    rng = np.random.default_rng(10)
+    qf, gf = _features(rng, 6), _features(rng, 5)
+    assert eval_metrics.non_finite_warnings(qf, gf) == []
+    qf["pool"][1, 0], qf["bn"][1, 3], qf["bn"][4, 2] = np.nan, np.inf, -np.inf   # rows 1 and 4
+    gf["bn"][0, 0] = np.nan
+    warnings = eval_metrics.non_finite_warnings(qf, gf)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("warning: 2 of 6 query features are not finite")
+    assert warnings[1].startswith("warning: 1 of 5 gallery features are not finite")
