@@ -30,6 +30,7 @@ from PIL import Image
 
 # Where each dataset's root is looked for when no --data-path is given (relative to the working directory).
 DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/", "llcm": "./dataset/LLCM/"}
+DATASET_NAMES = {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM"}
 SYSU_RGB_CAMS = ("cam1", "cam2", "cam4", "cam5")
 SYSU_IR_CAMS = ("cam3", "cam6")
 SYSU_INDOOR_CAMS = ("cam1", "cam2")
@@ -152,6 +153,12 @@ def check_training_labels(rgb_labels, ir_labels, source):
 # Folder listings
 
 
+def check_dataset_root(dataset, data_path):
+    """DatasetError naming the path when the root folder of `dataset` does not exist (a mistyped
+    --data-path must be reported as such, before any file inside it is looked for)."""
+    _require_dir(data_path, f"{DATASET_NAMES[dataset]} dataset root")
+
+
 def _require_dir(path, what):
     if not os.path.isdir(path):
         hint = " (create it empty if that camera has no images)" if what == "camera folder" else ""
@@ -237,7 +244,7 @@ def _sysu_cams(mode):
 
 def validate_sysu_layout(data_path, *, need_train=True, need_test=True):
     """Check the dataset root, the exp/ id files needed and the six camera folders (REFERENCE 1.1)."""
-    _require_dir(data_path, "SYSU-MM01 dataset root")
+    check_dataset_root("sysu", data_path)
     needed = (["train_id.txt", "val_id.txt"] if need_train else []) + (["test_id.txt"] if need_test else [])
     for name in needed:
         path = os.path.join(data_path, "exp", name)
@@ -360,14 +367,14 @@ def process_test_regdb(img_dir, trial=1, modal="visible", *, check_files=True):
     """(img_paths, labels) of idx/test_{visible|thermal}_{trial}.txt; paths joined onto `img_dir`."""
     if modal not in REGDB_MODALS:
         raise ValueError(f"RegDB modal must be 'visible' or 'thermal', got {modal!r}")
-    _require_dir(img_dir, "RegDB dataset root")
+    check_dataset_root("regdb", img_dir)
     paths, labels, _ = _idx_list(img_dir, f"test_{modal}_{trial}.txt", check_files)
     return paths, labels
 
 
 def regdb_training_lists(data_path, trial, *, check_files=True):
     """(rgb_paths, rgb_labels, ir_paths, ir_labels) of idx/train_{visible,thermal}_{trial}.txt (Q-06 checked)."""
-    _require_dir(data_path, "RegDB dataset root")
+    check_dataset_root("regdb", data_path)
     return _training_lists(data_path, f"train_visible_{trial}.txt", f"train_thermal_{trial}.txt", check_files)
 
 
@@ -384,7 +391,7 @@ def _llcm_modal(mode):
 def validate_llcm_test_layout(data_path, mode):
     """Check the root and the camera folders of one test modality (REFERENCE 1.4)."""
     modal_dir, cams = _llcm_modal(mode)
-    _require_dir(data_path, "LLCM dataset root")
+    check_dataset_root("llcm", data_path)
     for cam in cams:
         _require_dir(os.path.join(data_path, modal_dir, cam), "camera folder")
 
@@ -400,7 +407,7 @@ def _llcm_folders(data_path, mode):
 
 def llcm_training_lists(data_path, *, check_files=True):
     """(rgb_paths, rgb_labels, ir_paths, ir_labels) of idx/train_vis.txt and idx/train_nir.txt (Q-06)."""
-    _require_dir(data_path, "LLCM dataset root")
+    check_dataset_root("llcm", data_path)
     return _training_lists(data_path, "train_vis.txt", "train_nir.txt", check_files)
 
 

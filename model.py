@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import resnet
-from utils import CheckpointError, ConfigError, load_torch_file
+from utils import CheckpointError, ConfigError, Progress, load_torch_file
 
 METHODS = ("irl", "agw")
 CHECKPOINT_FORMAT = "vireid-ckpt-v1"
+MODAL_NAMES = {1: "visible", 2: "infrared"}
 IRL_SIZE_MULTIPLE = 16          # output stride of layer3: the layerATT side convs need exact divisions
 OFFICIAL_NON_LOCAL_COUNTS = (2, 3)   # Non_local blocks after the last blocks of layer2 / layer3
 GEM_P = 3.0
@@ -452,15 +452,20 @@ def extract_features(model, loader, modal, device, *, channels_last=False, progr
     was_training = net.training
     net.eval()
     pools, bns = [], []
+    shown = Progress(len(loader.dataset), f"features of {MODAL_NAMES[modal]} images", "img") if progress else None
     try:
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
-            for imgs, _ in tqdm(loader, desc=f"features modal {modal}", disable=not progress, leave=False):
+            for imgs, _ in loader:
                 x = imgs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                 pool, bn = net(*([x] * net.num_views), modal=modal)
                 pools.append(pool.double().cpu().numpy())
                 bns.append(bn.double().cpu().numpy())
+                if shown is not None:
+                    shown.update(len(imgs))
     finally:
         net.train(was_training)
+        if shown is not None:
+            shown.close()
     if not pools:
         empty = np.zeros((0, net.feat_dim))
         return empty, empty.copy()

@@ -60,7 +60,8 @@ def build_parser():
     add("--allow-cross-dataset", dest="allow_cross_dataset", action="store_true",
         help="evaluate a checkpoint trained on another dataset (skips the dataset / class-count check)")
     add("--test-batch", dest="test_batch", type=int, default=64, help="extraction batch size")
-    add("--workers", type=int, default=4)
+    add("--workers", type=int, default=utils.default_workers(), help="loader processes (default 4, at most "
+                                                                     "the CPU count)")
     add("--gpu", default="0", help="CUDA device index")
     add("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     add("--output", help="results JSON (default: next to the checkpoint, or in --log_path)")
@@ -94,18 +95,20 @@ def checkpoint_path(args, trial=None):
     path = args.resume.replace("{trial}", str(trial)) if trial is not None else args.resume
     if not os.path.exists(path) and args.model_path:
         path = os.path.join(args.model_path, path)     # official: <model_path><resume>
-    if not os.path.isfile(path):
-        raise utils.CheckpointError(f"checkpoint not found: {path}" +
-                                    (f" (RegDB split {trial})" if trial is not None else ""))
-    return path
+    try:
+        return utils.check_checkpoint_path(path)
+    except utils.CheckpointError as exc:
+        raise utils.CheckpointError(f"{exc}" + (f" (RegDB split {trial})" if trial is not None else "")) from None
 
 
-def trained_split(ckpt, path, num_trials):
+def trained_split(ckpt, path, args):
     """The RegDB split a checkpoint of ours was trained on; official checkpoints do not record it."""
     config = ckpt.get("config") or {}
     if config.get("dataset") == "regdb" and config.get("trial") is not None:
         return int(config["trial"])
-    raise utils.ConfigError(f"RegDB evaluates {num_trials} splits, each with its own checkpoint, and {path} does "
+    if config.get("dataset") not in (None, "regdb") and not args.allow_cross_dataset:
+        raise utils.CheckpointError(dataset_mismatch(path, config["dataset"], args.dataset))
+    raise utils.ConfigError(f"RegDB evaluates {args.num_trials} splits, each with its own checkpoint, and {path} does "
                             f"not record its split: give --resume a pattern containing {{trial}} (e.g. "
                             f"'runs/regdb_..._trial_{{trial}}_best.pth') or pick one split with --trial")
 
@@ -117,7 +120,7 @@ def protocol_jobs(args, data_path):
         if args.trial is None and "{trial}" not in args.resume:     # one checkpoint: read it once
             path = checkpoint_path(args)
             ckpt = utils.load_torch_file(path)
-            split = trained_split(ckpt, path, args.num_trials)
+            split = trained_split(ckpt, path, args)
             return [(data_manager.regdb_protocol(data_path, split, tvsearch=args.tvsearch), path, ckpt)]
         splits = [args.trial] if args.trial is not None else list(range(1, args.num_trials + 1))
         paths = [checkpoint_path(args, t) for t in splits]     # every checkpoint must exist up front
@@ -136,13 +139,16 @@ def protocol_jobs(args, data_path):
 # Checkpoint -> model
 # --------------------------------------------------------------------------------------------------
 
+def dataset_mismatch(path, trained_on, dataset):
+    return f"{path} was trained on {trained_on}, not {dataset} (pass --allow-cross-dataset to evaluate it anyway)"
+
+
 def model_settings(ckpt, path, args, trial=None):
     """(method, arch, img_h, img_w, num_classes, source) of a checkpoint, checked against the flags."""
     if ckpt.get("format") == models.CHECKPOINT_FORMAT:
         cfg = ckpt["config"]
         if cfg.get("dataset") != args.dataset and not args.allow_cross_dataset:
-            raise utils.CheckpointError(f"{path} was trained on {cfg.get('dataset')}, not {args.dataset} "
-                                        f"(pass --allow-cross-dataset to evaluate it anyway)")
+            raise utils.CheckpointError(dataset_mismatch(path, cfg.get("dataset"), args.dataset))
         if trial is not None and cfg.get("dataset") == "regdb" and int(cfg.get("trial", trial)) != trial:
             raise utils.CheckpointError(f"{path} was trained on RegDB split {cfg.get('trial')}, "
                                         f"but is used for split {trial}")
@@ -184,7 +190,7 @@ def load_model(ckpt, path, args, device, trial=None):
 def extract(net, paths, pids, modal, settings, args, device):
     loader = data_loader.make_test_loader(list(paths), np.asarray(pids), settings["img_h"], settings["img_w"],
                                           args.test_batch, args.workers)
-    pool, bn = models.extract_features(net, loader, modal, device, progress=sys.stderr.isatty())
+    pool, bn = models.extract_features(net, loader, modal, device, progress=True)
     return {"pool": pool, "bn": bn}
 
 
@@ -274,6 +280,11 @@ def run_test(args):
         log.info(f"{protocol.name}: {path} ({settings['source']}: {settings['method']} {settings['arch']} "
                  f"{settings['img_h']}x{settings['img_w']}, {settings['num_classes']} classes)")
         protocol = protocol.used_gallery_only()
+        if len(protocol.trial_indices) > 1 and all(np.array_equal(protocol.trial_indices[0], t)
+                                                   for t in protocol.trial_indices[1:]):
+            log.info(f"note: every gallery trial of {protocol.name} holds the same images (--shots {args.shots} "
+                     f"covers every (identity, camera) folder), so the {len(protocol.trials)} trials are identical "
+                     f"and their std is 0")
         query = extract(net, protocol.query_paths, protocol.query_pids, protocol.query_modal, settings, args, device)
         gallery = extract(net, protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal, settings,
                           args, device)

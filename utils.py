@@ -6,15 +6,18 @@ import argparse
 import bisect
 import json
 import logging
+import logging.handlers
 import math
 import os
 import random
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+from tqdm import tqdm
 
 
 class CheckpointError(ValueError):
@@ -176,10 +179,12 @@ class AverageMeter:
 _OWN_HANDLER = "_vireid_handler"
 
 
-def setup_logger(name, log_file=None, rank=0) -> logging.Logger:
+def setup_logger(name, log_file=None, rank=0, *, defer_file=False) -> logging.Logger:
     """Logger writing to stdout and (optionally) a file; calling it again replaces its own handlers.
 
-    Ranks > 0 of a distributed run only log warnings and errors, and never to the file.
+    Ranks > 0 of a distributed run only log warnings and errors, and never to the file. With
+    `defer_file=True` the file (and its folder) is created only by `open_log_file`, which first writes
+    the records logged so far: a run that stops while still checking its inputs leaves nothing behind.
     """
     logger = logging.getLogger(name)
     for handler in [h for h in logger.handlers if getattr(h, _OWN_HANDLER, False)]:
@@ -187,16 +192,107 @@ def setup_logger(name, log_file=None, rank=0) -> logging.Logger:
         handler.close()
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_file and rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        if defer_file:
+            pending = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+            pending.log_file = log_file
+            handlers.append(pending)
+        else:
+            handlers.append(_file_handler(log_file))
     for handler in handlers:
-        handler.setFormatter(formatter)
-        setattr(handler, _OWN_HANDLER, True)
-        logger.addHandler(handler)
+        _adopt(logger, handler)
     return logger
+
+
+def open_log_file(logger) -> None:
+    """Create the deferred log file of `setup_logger(..., defer_file=True)` with the records so far."""
+    for pending in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        file_handler = _file_handler(pending.log_file)
+        pending.setTarget(file_handler)
+        pending.flush()
+        logger.removeHandler(pending)
+        pending.close()
+        _adopt(logger, file_handler)
+
+
+def _file_handler(log_file):
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    return logging.FileHandler(log_file, encoding="utf-8")
+
+
+def _adopt(logger, handler):
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    setattr(handler, _OWN_HANDLER, True)
+    logger.addHandler(handler)
+
+
+class Progress:
+    """Progress of a long loop: a tqdm bar on an interactive terminal, otherwise (logs, pipes, nohup, batch
+    schedulers) a plain line at every tenth of the work, so a log never stays silent for minutes.
+
+    `update(n)` after each piece of work; `close()` (or leaving a `with` block) ends it. `write` is where
+    the plain lines go (default: print to stderr, as tqdm does).
+    """
+
+    def __init__(self, total, desc, unit="it", *, write=None, stream=None):
+        self.total, self.desc, self.unit = int(total), desc, unit
+        self.done, self.start = 0, time.time()
+        stream = stream or sys.stderr
+        self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, file=stream) \
+            if stream.isatty() else None
+        self.write = write or (lambda line: print(line, file=stream, flush=True))
+        self.tenths_shown = 0
+
+    def update(self, n=1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        tenths = 10 * self.done // self.total if self.total else 0
+        if tenths > self.tenths_shown:
+            self.tenths_shown = tenths
+            elapsed = time.time() - self.start
+            eta = elapsed / self.done * max(self.total - self.done, 0)
+            self.write(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done // self.total}%), "
+                       f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def format_seconds(seconds) -> str:
+    """h:mm:ss (or m:ss under an hour) of a duration in seconds."""
+    seconds = int(round(max(seconds, 0)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def default_workers(preferred=4) -> int:
+    """Loader worker processes: `preferred`, but never more than the CPUs this process may use (more only
+    make torch warn and the workers compete for the same cores)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(preferred, available))
+
+
+def cpu_bf16_support():
+    """(native, reason): whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX tiles) in the
+    kernels PyTorch dispatches to. Without it, CPU bf16 autocast is emulated and many times slower
+    than float32."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = [name for name, present in (("AVX-512 BF16", torch.cpu._is_avx512_bf16_supported()),
+                                        ("AMX", torch.cpu._is_amx_tile_supported())) if present]
+    if capability.startswith("AVX512") and flags:
+        return True, f"this CPU computes bf16 natively ({' and '.join(flags)}, {capability} kernels)"
+    missing = "no AVX-512 BF16 or AMX" if not flags else f"PyTorch dispatches {capability} kernels"
+    return False, f"this CPU has no native bf16 ({missing}): bf16 would be emulated"
 
 
 def resolve_device(device=None, gpu=None, *, logger=None) -> torch.device:
@@ -306,17 +402,33 @@ def _load_failure_reason(exc) -> str:
     return (informative or ["empty or truncated file"])[0].split(". ")[0]
 
 
+# A torch.save file starts with a zip header (torch >= 1.6) or a pickle PROTO opcode (legacy format).
+_TORCH_FILE_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def check_checkpoint_path(path) -> str:
+    """`path` as a string if it names an existing file; CheckpointError saying what it is otherwise."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
 def load_torch_file(path) -> dict:
     """Load a checkpoint without ever running code from it (weights_only + numpy allow-list, Q-25).
 
     Tensors are mapped to the CPU. Missing, unreadable, corrupt or unsafe files -> CheckpointError
     naming the path.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+    path = check_checkpoint_path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_FILE_MAGICS):
+        # Checked up front: torch's unpickler reports such files as e.g. "IndexError: pop from empty list".
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (" +
+                              ("empty file)" if not head else "neither a torch zip archive nor a pickle)"))
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -236,8 +236,9 @@ def write_truncated(path):
     (lambda p: None, "not found"),
     (lambda p: p.mkdir(), "directory"),
     (write_truncated, "corrupt"),
-    (lambda p: p.write_bytes(b""), "corrupt"),
-    (lambda p: p.write_bytes(b"definitely not a checkpoint" * 10), "corrupt"),
+    (lambda p: p.write_bytes(b""), r"not a PyTorch checkpoint \(empty file\)"),
+    (lambda p: p.write_bytes(b"definitely not a checkpoint" * 10), "not a PyTorch checkpoint"),
+    (lambda p: p.write_text("epoch,rank1\n1,0.5\n"), "^[^\n]*not a PyTorch checkpoint[^\n]*$"),
     (lambda p: zipfile.ZipFile(p, "w").writestr("x.txt", "hi"), "corrupt"),
     (lambda p: torch.save([torch.ones(1)], p), "not a checkpoint"),
 ])
