@@ -153,6 +153,13 @@ def test_official_checkpoint_needs_the_right_class_count(tmp_path_factory, tmp_p
         assert summary["per_trial"][mode][0]["mAP"] == pytest.approx(record["eval"][mode]["mAP"], abs=1e-9)
 
 
+def text_file(folder):
+    path = os.path.join(folder, "notes.pth")
+    with open(path, "w") as f:
+        f.write("epoch,rank1\n1,0.5\n")
+    return path
+
+
 def run_main(argv, capsys):
     code = test_script.main(argv)
     err = capsys.readouterr().err
@@ -160,6 +167,7 @@ def run_main(argv, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "pattern without trial", "missing split", "wrong dataset",
+                                  "wrong dataset without trial", "directory", "not a checkpoint",
                                   "missing dataset", "flag clash", "trial pattern off regdb", "tvsearch off regdb"])
 def test_errors_are_one_line_with_exit_code_2(tmp_path_factory, tmp_path, capsys, case):
     ws = workspace(tmp_path_factory)
@@ -173,6 +181,13 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path_factory, tmp_path, capsys
                            regdb_pattern(tmp_path_factory), "--num-trials", "3"], "split 3"),
         "wrong dataset": (["--dataset", "llcm", "--data-path", ws.data["llcm"], "--resume", sysu()],
                           "was trained on sysu, not llcm"),
+        # A SYSU checkpoint given for RegDB without --trial: the mismatch, not the {trial}-pattern advice.
+        "wrong dataset without trial": (["--dataset", "regdb", "--data-path", ws.data["regdb"], "--resume", sysu()],
+                                        "was trained on sysu, not regdb"),
+        "directory": (["--dataset", "sysu", "--data-path", ws.data["sysu"], "--resume", str(tmp_path)],
+                      "is a directory"),
+        "not a checkpoint": (["--dataset", "sysu", "--data-path", ws.data["sysu"], "--resume", text_file(tmp_path)],
+                             "not a PyTorch checkpoint"),
         "missing dataset": (["--dataset", "sysu", "--data-path", str(tmp_path / "nowhere"), "--resume", sysu()],
                             "nowhere"),
         "flag clash": (["--dataset", "sysu", "--data-path", ws.data["sysu"], "--resume", sysu(), "--img_h", "64"],
