@@ -4,9 +4,18 @@
 (CMC as float32, mAP, mINP) but process whole blocks of queries with array operations instead of a
 Python loop per query. Pure numpy; imports nothing of ours (ground floor).
 
+A query's Rank-k, AP and INP depend only on where its true matches are ranked, and the
+de-duplicated CMC only on how many other identities come before the first one, so float matrices
+are not argsorted: each query's match distances are compared with the few gallery items no farther
+than its last match (_rank_by_match_distances). That ranking is unambiguous except when a true match
+is exactly as far as another kept gallery item, or a match distance is NaN; those queries alone get
+the official full argsort, so the results equal the official loop's in every case (ties included).
+
 Differences from the official code, all documented quirks of REFERENCE section 12:
 * Q-23: ties are ordered by numpy's default argsort as in the official code; `stable_sort=True`
-  breaks them by gallery index instead (reproducible across numpy versions and CPUs).
+  breaks them by gallery index instead (reproducible across numpy versions and CPUs). Either way,
+  only ties between a true match and another kept item can change a result, and only the queries
+  that have one are argsorted.
 * Q-28: a de-duplicated CMC row with fewer than `max_rank` distinct identities is padded with its
   last value (the official code crashes), so the returned CMC always has `max_rank` entries
   (`min(max_rank, num_gallery)`).
@@ -14,8 +23,13 @@ Differences from the official code, all documented quirks of REFERENCE section 1
 """
 import numpy as np
 
-# Rows per block = this // num_gallery; keeps every [rows, num_gallery] temporary at <= 16 MB.
-_BLOCK_ELEMENTS = 1 << 21
+# Rows per block = this // num_gallery; keeps every [rows, num_gallery] temporary at <= 8 MB, and a
+# float32 block within the cache (measured a little faster than 2**21 at the LLCM size).
+_BLOCK_ELEMENTS = 1 << 20
+# A row with more gallery items within reach of its last true match than this fraction of the
+# gallery has its whole row value-sorted instead of listing those items one by one (the listing costs
+# more per item). bench/bench_metrics.py timed 0.05 ... 0.5 alike within noise.
+_SPARSE_CANDIDATE_FRACTION = 0.2
 
 SIMILARITY_MODES = ("pool", "bn", "sum", "weighted")
 
@@ -39,10 +53,7 @@ def _eval_dedup(metric, distmat, q_pids, g_pids, q_camids, g_camids, max_rank, s
     """Shared body of eval_sysu / eval_llcm: `metric` picks the gallery-removal rule."""
     distmat, q_pids, g_pids, q_camids, g_camids = _check_inputs(
         distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
-
-    def removed(rows):
-        return removed_gallery(metric, q_pids[rows], q_camids[rows], g_pids, g_camids)
-
+    removed = _Removal(metric, q_pids, q_camids, g_pids, g_camids)
     return _evaluate(distmat, q_pids, g_pids, removed, max_rank, dedup_cmc=True,
                      stable_sort=stable_sort)
 
@@ -62,11 +73,38 @@ def removed_gallery(metric, q_pids, q_cams, g_pids, g_cams):
     any other metric (regdb): nothing.
     """
     q_pids, q_cams, g_pids, g_cams = (np.asarray(a) for a in (q_pids, q_cams, g_pids, g_cams))
+    removed = _removed(metric, q_pids[:, None], q_cams[:, None], g_pids[None, :], g_cams[None, :])
+    return np.broadcast_to(removed, (len(q_pids), len(g_pids))).copy()
+
+
+def _removed(metric, q_pids, q_cams, g_pids, g_cams):
+    """The removal rules of removed_gallery, element by element with numpy broadcasting, so the same
+    rule serves whole [queries, gallery] blocks and lists of (query, gallery) pairs."""
     if metric == "sysu":
-        return (q_cams == 3)[:, None] & (g_cams == 2)[None, :]
+        return (q_cams == 3) & (g_cams == 2)
     if metric == "llcm":
-        return (q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] == g_cams[None, :])
-    return np.zeros((len(q_pids), len(g_pids)), dtype=bool)
+        return (q_pids == g_pids) & (q_cams == g_cams)
+    return np.zeros(np.broadcast_shapes(np.shape(q_pids), np.shape(g_pids)), dtype=bool)
+
+
+# Rules that only ever remove gallery items of the query's own identity (test_eval_metrics checks
+# this): the ranking without a sort sets those items aside anyway, so it need not evaluate the rule
+# over whole rows.
+_OWN_IDENTITY_ONLY_RULES = frozenset({"llcm"})
+
+
+class _Removal:
+    """removed(q_index, g_index) -> bool: whether gallery items are ignored for queries, for index
+    arrays that broadcast together."""
+
+    def __init__(self, metric, q_pids, q_cams, g_pids, g_cams):
+        self.metric, self.q_pids, self.q_cams, self.g_pids, self.g_cams = (
+            metric, q_pids, q_cams, g_pids, g_cams)
+        self.other_identities = metric not in _OWN_IDENTITY_ONLY_RULES
+
+    def __call__(self, q_index, g_index):
+        return _removed(self.metric, self.q_pids[q_index], self.q_cams[q_index],
+                        self.g_pids[g_index], self.g_cams[g_index])
 
 
 def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -94,48 +132,291 @@ def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     return (distmat, *arrays)
 
 
-def _evaluate(distmat, q_pids, g_pids, removed_fn, max_rank, *, dedup_cmc, stable_sort):
+class _Results:
+    """Per-query AP, INP, validity and 0-based CMC hit position, filled block by block."""
+
+    def __init__(self, num_q, num_g):
+        self.num_g = num_g
+        self.ap = np.zeros(num_q)
+        self.inp = np.zeros(num_q)
+        self.valid = np.zeros(num_q, dtype=bool)
+        # num_g = never a hit (invalid queries; they are left out of the CMC anyway).
+        self.hit_rank = np.full(num_q, num_g, dtype=np.int64)
+
+    def record(self, rows, q_row, kept_pos, distinct_before=None):
+        """Store the queries `rows` from the kept-list positions of their kept true matches.
+
+        q_row / kept_pos: one entry per kept match, sorted by row then position. distinct_before: per
+        row, distinct identities ranked before the first kept match (de-duplicated CMC), or None
+        for the standard CMC, whose hit is the first match's position.
+        """
+        ap, inp, valid, first = _ap_inp(q_row, kept_pos, len(rows))
+        hit_rank = np.full(len(rows), self.num_g, dtype=np.int64)
+        hit_rank[valid] = kept_pos[first] if distinct_before is None else distinct_before[valid]
+        self.ap[rows], self.inp[rows], self.valid[rows], self.hit_rank[rows] = ap, inp, valid, hit_rank
+
+    def summary(self, max_rank):
+        """(cmc float32 [max_rank], mAP, mINP) over the valid queries."""
+        num_valid = int(self.valid.sum())
+        if num_valid == 0:
+            raise ValueError("no valid query: no query identity appears among its kept gallery items")
+        hits = np.bincount(np.minimum(self.hit_rank[self.valid], max_rank), minlength=max_rank + 1)
+        cmc = np.cumsum(hits[:max_rank]).astype(np.float32) / np.float32(num_valid)
+        return cmc, np.mean(self.ap[self.valid]), np.mean(self.inp[self.valid])
+
+
+def _evaluate(distmat, q_pids, g_pids, removed, max_rank, *, dedup_cmc, stable_sort):
     """Shared body of the three metrics, one block of queries at a time.
 
-    removed_fn(rows) -> bool [len(rows), num_g] gallery items ignored for those queries (or None
-    for "keep everything"). Per query we only need the ranked positions of its kept true matches
-    (AP, INP, standard CMC) and, for the de-duplicated CMC, the number of distinct kept
-    identities ranked before its first kept match.
+    removed: a _Removal (or None: keep everything). Per query only the kept-list
+    positions of its kept true matches matter (AP, INP, standard CMC) and, for the de-duplicated
+    CMC, the number of distinct kept identities ranked before its first kept match.
+
+    Float matrices go through _rank_by_match_distances, which finds these numbers by comparing
+    distances with the query's few match distances instead of sorting its row. It hands back the
+    queries whose order depends on how ties are broken, which get the full argsort with the requested
+    kind, like integer matrices (Q-23): results are those of the official loop in every case.
     """
     num_q, num_g = distmat.shape
-    max_rank = min(max_rank, num_g)
-    kind = "stable" if stable_sort else None
-    ap = np.zeros(num_q)
-    inp = np.zeros(num_q)
-    valid = np.zeros(num_q, dtype=bool)
-    # 0-based CMC position of the first hit (num_g for invalid queries, i.e. never a hit).
-    hit_rank = np.full(num_q, num_g, dtype=np.int64)
-    pid_columns, pid_starts = _columns_grouped_by_pid(g_pids) if dedup_cmc else (None, None)
-
+    results = _Results(num_q, num_g)
+    identities = _GalleryIdentities(g_pids)
+    q_identity = identities.index_of(q_pids)
     block = max(1, _BLOCK_ELEMENTS // num_g)
-    for start in range(0, num_q, block):
-        rows = slice(start, min(start + block, num_q))
-        order = np.argsort(distmat[rows], axis=1, kind=kind)
-        removed = removed_fn(rows) if removed_fn is not None else None
-        q_row, raw_pos, kept_pos = _kept_match_positions(order, q_pids[rows], g_pids, removed)
-        ap[rows], inp[rows], valid[rows], first = _ap_inp(q_row, kept_pos, len(order))
-        block_valid = valid[rows]
-        block_hit_rank = hit_rank[rows]                       # a view: writes go to hit_rank
-        if dedup_cmc:
-            first_raw = np.full(len(order), num_g)
-            first_raw[block_valid] = raw_pos[first]
-            distinct_before = _distinct_ids_before(order, removed, first_raw, pid_columns,
-                                                   pid_starts)
-            block_hit_rank[block_valid] = distinct_before[block_valid]
-        else:
-            block_hit_rank[block_valid] = kept_pos[first]
+    if distmat.dtype.kind == "f":
+        # Contiguous blocks, so that cells can be read through flat indices (much faster than
+        # 2-D fancy indexing); a no-op for the usual C-ordered matrix.
+        full_sort = [_rank_by_match_distances(np.ascontiguousarray(distmat[start:start + block]),
+                                              np.arange(start, min(start + block, num_q)),
+                                              q_identity, identities, removed, dedup_cmc, results)
+                     for start in range(0, num_q, block)]
+        full_sort = np.concatenate(full_sort)
+    else:
+        full_sort = np.arange(num_q)
+    for start in range(0, len(full_sort), block):
+        _rank_by_full_sort(distmat, full_sort[start:start + block], q_pids, g_pids, removed,
+                           identities if dedup_cmc else None, stable_sort, results)
+    return results.summary(min(max_rank, num_g))
 
-    num_valid = int(valid.sum())
-    if num_valid == 0:
-        raise ValueError("no valid query: no query identity appears among its kept gallery items")
-    hits = np.bincount(np.minimum(hit_rank[valid], max_rank), minlength=max_rank + 1)
-    cmc = np.cumsum(hits[:max_rank]).astype(np.float32) / np.float32(num_valid)
-    return cmc, np.mean(ap[valid]), np.mean(inp[valid])
+
+class _GalleryIdentities:
+    """The gallery columns grouped by identity: columns[starts[i]:starts[i] + sizes[i]] hold
+    identity values[i] (ascending), and of_column[j] is the identity index of column j."""
+
+    def __init__(self, g_pids):
+        self.columns = np.argsort(g_pids, kind="stable")
+        sorted_pids = g_pids[self.columns]
+        self.starts = np.flatnonzero(np.r_[True, sorted_pids[1:] != sorted_pids[:-1]])
+        self.sizes = np.diff(np.r_[self.starts, len(g_pids)])
+        self.values = sorted_pids[self.starts]
+        self.of_column = np.empty(len(g_pids), dtype=np.intp)
+        self.of_column[self.columns] = np.repeat(np.arange(len(self.starts)), self.sizes)
+
+    def index_of(self, pids):
+        """Identity index of each pid, -1 for pids absent from the gallery."""
+        index = np.minimum(np.searchsorted(self.values, pids), len(self.values) - 1)
+        return np.where(self.values[index] == pids, index, -1)
+
+
+def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup_cmc, results):
+    """Rank a float block of queries without argsorting their rows; returns the rows it could not settle.
+
+    For a query whose kept true matches have the sorted distances T_0 <= ... <= T_k-1, match j sits
+    at kept-list position j + (kept other-identity items closer than T_j), and the de-duplicated CMC
+    hit is the number of other identities with a kept item closer than T_0. Only items at most T_k-1
+    away (the candidates) take part: they are sorted by value alone, per row, and each T_j is
+    binary-searched among them. These counts equal the argsort positions unless an other-identity
+    item is exactly as far as a match (then its order is a tie-break) or a match distance is NaN
+    (argsort puts NaN last); such rows are returned for the full sort. Equal match distances need no
+    tie-break: the matches fill the same positions in either order.
+    """
+    num_rows, num_g = block.shape
+    q_id = q_identity[rows]
+    own_row, own_col = _own_identity_cells(q_id, identities)
+    kept = ~removed(rows[own_row], own_col) if removed is not None else slice(None)
+    pair_row, pair_col, pair_dist, num_kept = _sorted_by_distance(block, own_row[kept], own_col[kept])
+    first_pair = np.cumsum(num_kept) - num_kept
+    match_number = np.arange(len(pair_row)) - first_pair[pair_row]
+    unsettled = np.bincount(pair_row, weights=np.isnan(pair_dist), minlength=num_rows) > 0
+    has_match = (num_kept > 0) & ~unsettled
+    nearest = np.full(num_rows, np.nan, dtype=block.dtype)     # NaN: compares false, no candidates
+    farthest = nearest.copy()
+    nearest[has_match] = pair_dist[first_pair[has_match]]
+    farthest[has_match] = pair_dist[first_pair[has_match] + num_kept[has_match] - 1]
+
+    # <= (not <): an other-identity item exactly as far as the last match must be seen as a tie.
+    candidate = block <= farthest[:, None]
+    candidate.reshape(-1)[own_row * num_g + own_col] = False  # matches and removed own items
+    removed_cells = None
+    if removed is not None and removed.other_identities:
+        removed_cells = removed(rows[:, None], np.arange(num_g)[None, :])
+        np.greater(candidate, removed_cells, out=candidate)    # candidate and not removed, one pass
+    num_candidates = np.add.reduce(candidate.view(np.uint8), axis=1, dtype=np.uint32).astype(np.intp)
+    whole_row = num_candidates > _SPARSE_CANDIDATE_FRACTION * num_g
+    candidate[whole_row] = False
+    num_candidates[whole_row] = 0
+    distinct_before = np.zeros(num_rows, dtype=np.intp) if dedup_cmc else None
+    cand_row, value = _candidate_values(block, candidate, num_candidates, identities, nearest,
+                                        distinct_before)
+    sorted_values, start, width = _sorted_stretches(
+        block, cand_row, value, num_candidates, whole_row, own_row, own_col, removed_cells, nearest,
+        identities, distinct_before)
+    closer, tied = _search_stretches(sorted_values, start[pair_row], width[pair_row], pair_dist)
+    unsettled[pair_row[tied]] = True
+    results.record(rows, pair_row, closer + match_number, distinct_before)
+    return rows[unsettled]
+
+
+def _own_identity_cells(q_id, identities):
+    """(block row, gallery column) of every gallery item of each query's own identity, by row."""
+    sizes = np.where(q_id >= 0, identities.sizes[q_id], 0)
+    own_row = np.repeat(np.arange(len(q_id)), sizes)
+    within = np.arange(len(own_row)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return own_row, identities.columns[identities.starts[q_id[own_row]] + within]
+
+
+def _sorted_by_distance(block, pair_row, pair_col):
+    """The (row, column) pairs, grouped by row, re-ordered by distance within each row (NaN last);
+    returns (rows, columns, distances, pairs per row).
+
+    Rows hold few pairs, so a [rows, most pairs] argsort is much cheaper than lexsort on the list.
+    """
+    num_rows = block.shape[0]
+    pair_dist = block.reshape(-1)[pair_row * block.shape[1] + pair_col]
+    count = np.bincount(pair_row, minlength=num_rows)
+    start = np.cumsum(count) - count
+    within = np.arange(len(pair_row)) - start[pair_row]
+    padded = np.full((num_rows, max(1, int(count.max(initial=0)))), np.nan, dtype=block.dtype)
+    padded[pair_row, within] = pair_dist
+    # Stable, so real NaN distances stay ahead of the NaN padding of their row.
+    order = np.argsort(padded, axis=1, kind="stable")
+    order = (order + start[:, None])[np.arange(padded.shape[1]) < count[:, None]]
+    return pair_row[order], pair_col[order], pair_dist[order], count
+
+
+def _candidate_values(block, candidate, num_candidates, identities, nearest, distinct_before):
+    """(row, value) of every True cell of candidate, by row then column.
+
+    num_candidates: True cells per row. Adds to distinct_before (if given) the distinct identities
+    among each row's candidates closer than its first match (`nearest`).
+    """
+    num_rows, num_g = block.shape
+    flat = np.flatnonzero(candidate)                           # much faster than a 2-D nonzero
+    cand_row = np.repeat(np.arange(num_rows), num_candidates)
+    value = block.reshape(-1)[flat]
+    if distinct_before is not None:
+        closer_than_first = value < nearest[cand_row]
+        before_row = cand_row[closer_than_first]
+        before_col = flat[closer_than_first] - before_row * num_g
+        distinct_before += _distinct_per_row(before_row, identities.of_column[before_col], num_rows,
+                                             len(identities.values))
+    return cand_row, value
+
+
+def _sorted_stretches(block, cand_row, value, num_candidates, whole_row, own_row, own_col,
+                      removed_cells, nearest, identities, distinct_before):
+    """Each row's kept other-identity values no farther than its last match, sorted, in one buffer.
+
+    Returns (buffer, start, width): row r's values lie in buffer[start[r]:start[r] + width[r]],
+    ascending, padded at the end with NaN (sorts last, never below or equal to anything). Candidate
+    rows get the next power of two above their count as width, so rows of one width sort together
+    as a 2-D block and a few long rows do not widen the others. Whole rows (too many candidates to
+    list one by one) are copied whole, with removed and own-identity cells set to NaN; their
+    distinct identities closer than the first match go to distinct_before (if given).
+    """
+    num_rows, num_g = block.shape
+    width = np.zeros(num_rows, dtype=np.intp)
+    listed = num_candidates > 0
+    width[listed] = 1 << np.ceil(np.log2(num_candidates[listed])).astype(np.intp)
+    width[whole_row] = num_g
+    # Rows laid out by width, whole rows after the listed ones of the same width.
+    layout_key = 2 * width + whole_row
+    order = np.argsort(layout_key, kind="stable")
+    start = np.empty(num_rows, dtype=np.intp)
+    start[order] = np.cumsum(width[order]) - width[order]
+    sorted_values = np.full(int(width.sum()), np.nan, dtype=block.dtype)
+    position = np.arange(len(cand_row)) - (np.cumsum(num_candidates) - num_candidates)[cand_row]
+    sorted_values[start[cand_row] + position] = value
+    group_keys, group_first = np.unique(layout_key[order], return_index=True)
+    group_end = np.r_[group_first[1:], num_rows]
+    for key, first, end in zip(group_keys, group_first, group_end):
+        if key == 0:                                           # rows without any candidate
+            continue
+        group_rows = order[first:end]
+        group = sorted_values[start[group_rows[0]]:][:len(group_rows) * width[group_rows[0]]]
+        group = group.reshape(len(group_rows), -1)
+        if key % 2:
+            _fill_whole_rows(group, block, group_rows, own_row, own_col, removed_cells, nearest,
+                             identities, distinct_before)
+        group.sort(axis=1)
+    return sorted_values, start, width
+
+
+def _fill_whole_rows(values, block, group_rows, own_row, own_col, removed_cells, nearest, identities,
+                     distinct_before):
+    """Copy block rows group_rows into values, with removed and own-identity cells set to NaN, and
+    count their distinct identities closer than the first match into distinct_before."""
+    num_rows, num_g = block.shape
+    np.take(block, group_rows, axis=0, out=values)
+    if removed_cells is not None:
+        values[removed_cells[group_rows]] = np.nan
+    local = np.full(num_rows, -1, dtype=np.intp)
+    local[group_rows] = np.arange(len(group_rows))
+    own = local[own_row] >= 0
+    values.reshape(-1)[local[own_row[own]] * num_g + own_col[own]] = np.nan
+    if distinct_before is not None:
+        before_row, before_col = np.divmod(
+            np.flatnonzero(values < nearest[group_rows][:, None]), num_g)
+        distinct_before[group_rows] = _distinct_per_row(
+            before_row, identities.of_column[before_col], len(group_rows), len(identities.values))
+
+
+def _search_stretches(sorted_values, start, width, value):
+    """Per value: (entries of sorted_values[start:start + width] strictly below it, whether one
+    equals it), by one vectorised binary search; each search leaves the loop once its interval is
+    empty, so short stretches cost few rounds."""
+    below = np.zeros(len(value), dtype=np.intp)
+    high = width.copy()
+    active = np.flatnonzero(high > 0)
+    while active.size:
+        low_a, high_a = below[active], high[active]
+        middle = (low_a + high_a) >> 1
+        go_right = sorted_values[start[active] + middle] < value[active]
+        low_a = np.where(go_right, middle + 1, low_a)
+        high_a = np.where(go_right, high_a, middle)
+        below[active], high[active] = low_a, high_a
+        active = active[low_a < high_a]
+    tied = np.zeros(len(value), dtype=bool)
+    inside = np.flatnonzero(below < width)
+    tied[inside] = sorted_values[start[inside] + below[inside]] == value[inside]
+    return below, tied
+
+
+def _distinct_per_row(row, identity, num_rows, num_identities):
+    """Number of distinct identities per row among (row, identity) pairs: a [rows, identities] table
+    of flags is cheaper than np.unique on the pairs (the gallery has few identities)."""
+    seen = np.zeros((num_rows, num_identities), dtype=np.uint8)
+    seen[row, identity] = 1
+    return np.add.reduce(seen, axis=1, dtype=np.intp)
+
+
+def _rank_by_full_sort(distmat, rows, q_pids, g_pids, removed, identities, stable_sort, results):
+    """The queries `rows` ranked by a full argsort of their rows, ties ordered by the sort kind
+    (Q-23). identities: _GalleryIdentities for the de-duplicated CMC, None for the standard one."""
+    if len(rows) == 0:
+        return
+    order = np.argsort(distmat[rows], axis=1, kind="stable" if stable_sort else None)
+    removed_rows = None
+    if removed is not None:
+        removed_rows = removed(rows[:, None], np.arange(distmat.shape[1])[None, :])
+    q_row, raw_pos, kept_pos = _kept_match_positions(order, q_pids[rows], g_pids, removed_rows)
+    distinct_before = None
+    if identities is not None:
+        first_raw = np.full(len(rows), distmat.shape[1])
+        num_rel = np.bincount(q_row, minlength=len(rows))
+        has_match = num_rel > 0
+        first_raw[has_match] = raw_pos[(np.cumsum(num_rel) - num_rel)[has_match]]
+        distinct_before = _distinct_ids_before(order, removed_rows, first_raw, identities)
+    results.record(rows, q_row, kept_pos, distinct_before)
 
 
 def _kept_match_positions(order, q_pids, g_pids, removed):
@@ -172,15 +453,7 @@ def _ap_inp(q_row, kept_pos, num_rows):
     return ap, inp, valid, first_index[valid]
 
 
-def _columns_grouped_by_pid(g_pids):
-    """Gallery column order that groups equal pids, and the start of each group."""
-    columns = np.argsort(g_pids, kind="stable")
-    sorted_pids = g_pids[columns]
-    starts = np.flatnonzero(np.r_[True, sorted_pids[1:] != sorted_pids[:-1]])
-    return columns, starts
-
-
-def _distinct_ids_before(order, removed, first_raw, pid_columns, pid_starts):
+def _distinct_ids_before(order, removed, first_raw, identities):
     """Per query: number of distinct kept gallery pids ranked before its first kept match.
 
     This is the 0-based position of the true identity in the official de-duplicated ranked pid
@@ -192,7 +465,7 @@ def _distinct_ids_before(order, removed, first_raw, pid_columns, pid_starts):
     np.put_along_axis(rank, order, np.arange(num_g, dtype=np.int32)[None, :], axis=1)
     if removed is not None:
         rank[removed] = num_g
-    best_rank_per_pid = np.minimum.reduceat(rank[:, pid_columns], pid_starts, axis=1)
+    best_rank_per_pid = np.minimum.reduceat(rank[:, identities.columns], identities.starts, axis=1)
     return np.count_nonzero(best_rank_per_pid < first_raw[:, None], axis=1)
 
 

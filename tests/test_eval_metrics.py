@@ -4,8 +4,12 @@ The `literal_eval_*` functions below follow the official AGW/IRL eval_metrics.py
 line (REFERENCE 3; the standard CMC that eval_sysu/eval_llcm compute and discard is left out),
 with two documented changes: the sort kind is selectable (Q-23) and short
 de-duplicated CMC rows are padded with their last value instead of crashing (Q-28).
-bench/bench_metrics.py imports them from here.
+The `plain_eval_*` functions are the same per-query loop written plainly with whole-row numpy
+operations (checked against the literal ones here): the baseline bench/bench_metrics.py times
+eval_metrics against, since the official loop's Python list per query would flatter any rewrite.
+bench/bench_metrics.py imports both from here.
 """
+import contextlib
 import json
 import os
 from types import SimpleNamespace
@@ -128,6 +132,53 @@ def literal_eval_regdb(distmat, q_pids, g_pids, max_rank=20, stable_sort=False):
     all_cmc = np.asarray(all_cmc).astype(np.float32)
     all_cmc = all_cmc.sum(0) / num_valid_q
     return all_cmc, np.mean(all_AP), np.mean(all_INP)
+
+
+def plain_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, stable_sort=False,
+                    remove_rule=sysu_remove):
+    """Per query: argsort its row, drop the removed items, read the match positions off the kept
+    ranked pids; de-duplicated CMC from np.unique(return_index). remove_rule=llcm_remove: eval_llcm."""
+    return _plain_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort,
+                       remove_rule, dedup_cmc=True)
+
+
+def plain_eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, stable_sort=False):
+    return plain_eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort,
+                           remove_rule=llcm_remove)
+
+
+def plain_eval_regdb(distmat, q_pids, g_pids, max_rank=20, stable_sort=False):
+    return _plain_loop(distmat, q_pids, g_pids, None, None, max_rank, stable_sort, None,
+                       dedup_cmc=False)
+
+
+def _plain_loop(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort, remove_rule,
+                dedup_cmc):
+    num_q, num_g = distmat.shape
+    max_rank = min(max_rank, num_g)
+    hits_at = np.zeros(max_rank, dtype=np.int64)        # valid queries whose CMC first hit is at k
+    all_ap, all_inp = [], []
+    for q_idx in range(num_q):
+        order = np.argsort(distmat[q_idx], kind="stable" if stable_sort else None)
+        ranked_pids = g_pids[order]
+        if remove_rule is not None:
+            remove = remove_rule(q_pids[q_idx], q_camids[q_idx], ranked_pids, g_camids[order])
+            ranked_pids = ranked_pids[~remove]
+        positions = np.flatnonzero(ranked_pids == q_pids[q_idx])
+        if len(positions) == 0:
+            continue
+        all_ap.append(np.mean(np.arange(1, len(positions) + 1) / (positions + 1.0)))
+        all_inp.append(len(positions) / (positions[-1] + 1.0))
+        if dedup_cmc:
+            first_seen = np.unique(ranked_pids, return_index=True)[1]
+            hit = np.count_nonzero(first_seen < positions[0])
+        else:
+            hit = positions[0]
+        if hit < max_rank:
+            hits_at[hit] += 1
+    assert all_ap, "Error: all query identities do not appear in gallery"
+    cmc = np.cumsum(hits_at).astype(np.float32) / np.float32(len(all_ap))
+    return cmc, np.mean(all_ap), np.mean(all_inp)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -364,6 +415,155 @@ def test_parity_medium_sysu_shape():
     q_pids, g_pids = rng.integers(0, 96, 400), np.repeat(np.arange(96), 4)[:301]
     q_cams, g_cams = _sysu_cams(rng, 400, 301)
     assert _check_parity(eval_sysu, literal_eval_sysu, (dist, q_pids, g_pids, q_cams, g_cams))
+
+
+# ----------------------------------------------------------------------------- ranking without argsort
+# eval_metrics ranks float matrices by comparing each query's true-match distances with the gallery
+# items within reach (listed one by one, or whole rows value-sorted when there are many), and argsorts
+# only queries with a tie between a match and another kept item, or a NaN match distance. The tests
+# below force each route and check it against the literal loop.
+ROUTES = {"listed": 1.0, "whole rows": 0.0, "mixed": 0.2}
+
+
+def _tricky_case(seed):
+    """A random case with NaN, infinite, -0.0/+0.0 and tied distances sprinkled in."""
+    rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
+    dist = dist.astype(np.float64)
+    cells = rng.random(dist.shape)
+    dist[cells < 0.05] = np.nan
+    dist[(cells >= 0.05) & (cells < 0.08)] = np.inf
+    dist[(cells >= 0.08) & (cells < 0.10)] = -np.inf
+    dist[(cells >= 0.10) & (cells < 0.13)] = 0.0
+    dist[(cells >= 0.13) & (cells < 0.16)] = -0.0
+    dist[(cells >= 0.16) & (cells < 0.25)] = np.round(dist[(cells >= 0.16) & (cells < 0.25)], 1)
+    return rng, dist, q_pids, g_pids, max_rank
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("seed", range(25))
+def test_parity_on_each_route(monkeypatch, route, seed):
+    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+    rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
+    q_cams, g_cams = _sysu_cams(rng, *dist.shape)
+    _check_parity(eval_sysu, literal_eval_sysu, (dist, q_pids, g_pids, q_cams, g_cams, max_rank))
+    q_cams, g_cams = _llcm_cams(rng, *dist.shape)
+    _check_parity(eval_llcm, literal_eval_llcm, (dist, q_pids, g_pids, q_cams, g_cams, max_rank))
+    _check_parity(eval_regdb, literal_eval_regdb, (dist, q_pids, g_pids, max_rank))
+
+
+@pytest.mark.parametrize("sort_kind", ["stable", "default"])
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("seed", range(12))
+def test_parity_with_nan_inf_signed_zero_and_ties_on_each_route(monkeypatch, route, seed, sort_kind):
+    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+    rng, dist, q_pids, g_pids, max_rank = _tricky_case(seed)
+    stable = {"stable_sort": sort_kind == "stable"}
+    q_cams, g_cams = _sysu_cams(rng, *dist.shape)
+    _check_parity(eval_sysu, literal_eval_sysu, (dist, q_pids, g_pids, q_cams, g_cams), **stable)
+    q_cams, g_cams = _llcm_cams(rng, *dist.shape)
+    _check_parity(eval_llcm, literal_eval_llcm, (dist, q_pids, g_pids, q_cams, g_cams), **stable)
+    _check_parity(eval_regdb, literal_eval_regdb, (dist, q_pids, g_pids), **stable)
+
+
+def _count_routes(monkeypatch):
+    """Spy on the ranking routes: rows listed one by one, whole rows sorted, rows argsorted."""
+    counts = {"listed": 0, "whole rows": 0, "argsorted": 0}
+    sorted_stretches, full_sort = eval_metrics._sorted_stretches, eval_metrics._rank_by_full_sort
+
+    def spy_stretches(block, cand_row, value, num_candidates, whole_row, *args):
+        counts["listed"] += int(np.count_nonzero(num_candidates))
+        counts["whole rows"] += int(np.count_nonzero(whole_row))
+        return sorted_stretches(block, cand_row, value, num_candidates, whole_row, *args)
+
+    def spy_full_sort(distmat, rows, *args):
+        counts["argsorted"] += len(rows)
+        return full_sort(distmat, rows, *args)
+
+    monkeypatch.setattr(eval_metrics, "_sorted_stretches", spy_stretches)
+    monkeypatch.setattr(eval_metrics, "_rank_by_full_sort", spy_full_sort)
+    return counts
+
+
+def test_parity_cases_exercise_every_route(monkeypatch):
+    """Guard that the parity cases above reach the routes they are meant to test."""
+    counts = _count_routes(monkeypatch)
+    for seed in range(25):
+        rng, dist, q_pids, g_pids, _ = _random_case(seed)
+        with contextlib.suppress(ValueError):                # cases without a valid query
+            eval_llcm(dist, q_pids, g_pids, *_llcm_cams(rng, *dist.shape))
+    assert counts["listed"] >= 10 and counts["whole rows"] >= 100 and counts["argsorted"] == 0
+    for seed in range(12):
+        rng, dist, q_pids, g_pids, _ = _tricky_case(seed)
+        with contextlib.suppress(ValueError):
+            eval_regdb(dist, q_pids, g_pids)
+    assert counts["argsorted"] >= 20
+
+
+def test_only_queries_with_a_tie_at_a_match_are_argsorted(monkeypatch):
+    counts = _count_routes(monkeypatch)
+    # Query 0: a non-match (column 0) exactly as far as its match (column 2) -> argsorted.
+    # Query 1: ties among non-matches only, and between its two matches -> no argsort needed.
+    dist = np.array([[0.5, 0.1, 0.5, 0.9],
+                     [0.3, 0.3, 0.7, 0.7]])
+    q_pids, g_pids = np.array([1, 2]), np.array([0, 3, 1, 2])
+    g_pids_1 = np.array([0, 3, 2, 2])
+    cmc, mAP, _ = eval_regdb(dist[:1], q_pids[:1], g_pids, stable_sort=True)
+    assert counts["argsorted"] == 1
+    assert mAP == pytest.approx(1 / 3)               # stable: column 0 before column 2
+    cmc, mAP, _ = eval_regdb(dist[1:], q_pids[1:], g_pids_1)
+    assert counts["argsorted"] == 1
+    assert mAP == pytest.approx((1 / 3 + 2 / 4) / 2)
+
+
+def test_nan_distances_rank_last_like_argsort():
+    # argsort puts NaN after every number: the NaN non-match does not precede the match at 2.0,
+    # and the NaN match is ranked after everything else.
+    dist = np.array([[np.nan, 2.0, 1.0], [0.5, 1.0, np.nan]])
+    cmc, mAP, mINP = eval_regdb(dist, np.array([5, 7]), np.array([3, 5, 4]))
+    literal = literal_eval_regdb(dist, np.array([5, 7]), np.array([3, 5, 4]))
+    _assert_same((cmc, mAP, mINP), literal)
+    assert mAP == pytest.approx(1 / 2)
+
+
+def test_own_identity_only_rules_never_remove_other_identities():
+    """eval_metrics skips such rules for other identities' gallery items; check the claim."""
+    rng = np.random.default_rng(11)
+    q_pids, q_cams = rng.integers(0, 5, 200), rng.integers(1, 4, 200)
+    g_pids, g_cams = rng.integers(0, 5, 300), rng.integers(1, 4, 300)
+    for metric in eval_metrics._OWN_IDENTITY_ONLY_RULES:
+        removed = eval_metrics.removed_gallery(metric, q_pids, q_cams, g_pids, g_cams)
+        assert removed.any()
+        assert not (removed & (q_pids[:, None] != g_pids[None, :])).any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_parity_on_non_contiguous_and_float32_matrices(seed):
+    rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
+    q_cams, g_cams = _llcm_cams(rng, *dist.shape)
+    for matrix in (np.asfortranarray(dist), dist.astype(np.float32), np.asarray(dist.T).T):
+        _check_parity(eval_llcm, literal_eval_llcm, (matrix, q_pids, g_pids, q_cams, g_cams, max_rank))
+
+
+# ----------------------------------------------------------------------------- plain loop (bench)
+@pytest.mark.parametrize("sort_kind", ["stable", "default"])
+@pytest.mark.parametrize("seed", range(20))
+def test_plain_loop_matches_the_literal_loop(seed, sort_kind):
+    """bench/bench_metrics.py times eval_metrics against plain_eval_*; it must be a faithful loop."""
+    rng, dist, q_pids, g_pids, max_rank = _tricky_case(seed) if seed % 2 else _random_case(seed)
+    stable = {"stable_sort": sort_kind == "stable"}
+    for plain, literal, cams in ((plain_eval_sysu, literal_eval_sysu, _sysu_cams),
+                                 (plain_eval_llcm, literal_eval_llcm, _llcm_cams)):
+        args = (dist, q_pids, g_pids, *cams(rng, *dist.shape), max_rank)
+        try:
+            reference = literal(*args, **stable)
+        except AssertionError:
+            with pytest.raises(AssertionError):
+                plain(*args, **stable)
+            continue
+        _assert_same(plain(*args, **stable), reference, exact_cmc=True)
+    if np.isin(q_pids, g_pids).any():
+        _assert_same(plain_eval_regdb(dist, q_pids, g_pids, max_rank, **stable),
+                     literal_eval_regdb(dist, q_pids, g_pids, max_rank, **stable))
 
 
 # ----------------------------------------------------------------------------- errors
