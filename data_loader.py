@@ -104,6 +104,30 @@ class ChannelAdapGray(_ChannelAugmentation):
         return img
 
 
+class ChannelAdapGrayCAJ(_ChannelAugmentation):
+    """CAJ's variant (ICCV21_CAJ ChannelAug.ChannelAdapGray); IRL's class of the same name differs.
+
+    k = randint(0, 3); k < 3 copies channel k (R, G or B) to all three, 25 % each; k == 3 then draws
+    u = U(0, 1) and writes the weighted gray image when u <= p, else leaves the image as it is (12.5 % each
+    at p = 0.5). The uniform is drawn only for k == 3: that is the official draw order, which decides
+    every later draw of the chain.
+    """
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        k = random.randint(0, 3)
+        if k < 3:
+            for c in range(3):
+                if c != k:          # channel k itself is never overwritten, so no copy is needed
+                    img[c] = img[k]
+        elif random.uniform(0, 1) <= self.p:
+            gray = _weighted_gray(img)
+            img[0], img[1], img[2] = gray, gray, gray
+        return img
+
+
 class ChannelT(_ChannelAugmentation):
     """"Low-light" scaling: with probability p multiply each channel by 2*U(0.01, 0.5) (factor in [0.02, 1])."""
 
