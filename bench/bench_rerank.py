@@ -1,0 +1,103 @@
+"""Benchmark: rerank.re_ranking against the literal per-row form, time and peak memory.
+
+    python bench/bench_rerank.py           # literal at 600 x 400, ours there and at the LLCM size
+    python bench/bench_rerank.py --quick   # literal at 150 x 100, ours at 1,500 x 750
+
+The features are real-shaped (tests/test_rerank.identity_features: a centre per identity, queries
+infrared and gallery visible with an offset each), L2-normalised float32, 128-d; distances come from
+rerank.feature_distances. The literal form (literal_re_ranking in tests/test_rerank.py, one item at a
+time with Python sets and dense n x n arrays) runs only at the small size: at the LLCM size (7,000
+queries x 3,500 gallery, n = 10,500 items) its dense arrays alone would need the memory printed in the
+last column, and its loops hours. Times are the best of 3 calls at the small size, of 1 call at the
+large one; peak = the most memory allocated at once during one more, traced, call (tracemalloc,
+which numpy reports its buffers to), the float32 result included, the inputs not.
+The script fails if ours and the literal form differ by more than 1e-6 anywhere.
+"""
+import argparse
+import os
+import sys
+import time
+import tracemalloc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import numpy as np  # noqa: E402
+
+from rerank import RERANK_PRESETS, feature_distances, re_ranking  # noqa: E402
+from test_rerank import identity_features, literal_re_ranking  # noqa: E402
+
+LITERAL_SIZE, LARGE_SIZE = (600, 400), (7000, 3500)
+QUICK_LITERAL_SIZE, QUICK_LARGE_SIZE = (150, 100), (1500, 750)
+NUM_IDS, FEATURE_DIM = 351, 128
+
+
+def timed(fn, args, kwargs, repeats):
+    """(result, best wall seconds over `repeats` calls), without tracing: tracemalloc slows the
+    literal form's many small Python allocations far more than ours."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def peak_mb(fn, args, kwargs):
+    """Most memory allocated at once during one more call (numpy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    fn(*args, **kwargs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def literal_dense_gb(num_q, num_g, input_itemsize=4):
+    """Memory of the literal form's dense arrays: the concatenated distances (input type), their
+    float32 square, `original`, the int64 argsort, V and its query expansion (float32)."""
+    num = num_q + num_g
+    return num * num * (input_itemsize + 4 + 4 + 8 + 4 + 4) / 2**30
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    literal_size, large_size = LITERAL_SIZE, LARGE_SIZE
+    if args.quick:
+        literal_size, large_size = QUICK_LITERAL_SIZE, QUICK_LARGE_SIZE
+    print(f"numpy {np.__version__}; features {FEATURE_DIM}-d float32, {NUM_IDS} identities; "
+          f"peak MB = memory allocated during one call (result included, inputs not)")
+    header = (f"{'queries x gallery':>18}{'preset':>7}{'ours s':>8}{'ours MB':>9}{'literal s':>11}"
+              f"{'literal MB':>12}{'speed-up':>10}{'max |diff|':>12}")
+    print(header)
+    print("-" * len(header))
+    failures = []
+    for size in (literal_size, large_size):
+        query, gallery, _, _ = identity_features(rng, *size, num_ids=NUM_IDS, dim=FEATURE_DIM, noise=1.0)
+        distances = feature_distances(query.astype(np.float32), gallery.astype(np.float32))
+        for preset in ("field", "tsme"):
+            params = RERANK_PRESETS[preset]
+            small = size == literal_size
+            ours, ours_s = timed(re_ranking, distances, params, repeats=3 if small else 1)
+            line = f"{f'{size[0]} x {size[1]}':>18}{preset:>7}{ours_s:>8.2f}"
+            line += f"{peak_mb(re_ranking, distances, params):>9.0f}"
+            if small:
+                literal, literal_s = timed(literal_re_ranking, distances, params, repeats=1)
+                literal_mb = peak_mb(literal_re_ranking, distances, params)
+                diff = float(np.abs(ours - literal).max())
+                line += f"{literal_s:>11.2f}{literal_mb:>12.0f}{literal_s / ours_s:>9.0f}x{diff:>12.1e}"
+                if not diff <= 1e-6:
+                    failures.append(f"{preset} at {size}: ours and the literal form differ by {diff:.1e}")
+            else:
+                line += f"{'not run':>11}{f'~{literal_dense_gb(*size) * 1024:.0f}':>12}"
+            print(line)
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
