@@ -26,7 +26,8 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)   # ChannelRandomErasing fill (Q-15, kept)
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 
 SYSU_NPY_FILES = data_manager.SYSU_NPY_FILES
-TRAIN_METHODS = {"irl": 4, "agw": 1}    # method -> number of views per modality-pair item
+RGB, IR = "rgb", "ir"      # a training view transforms the visible or the infrared image of an item
+VIEW_MODALITIES = (RGB, IR)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,40 +152,19 @@ def _weighted_gray(img):
 # Transform chains (REFERENCE 5.2 / 5.3)
 # ---------------------------------------------------------------------------------------------------
 
-def _normalize():
-    return T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def to_normalized_tensor():
+    """ToTensor then ImageNet normalisation: the end of every training and test chain."""
+    return [T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
 
 
-def _pad_crop_flip(img_h, img_w):
+def pad_crop_flip(img_h, img_w):
+    """The AGW-family geometry: zero-pad 10, random crop back to (img_h, img_w), horizontal flip."""
     return [T.Pad(10), T.RandomCrop((img_h, img_w)), T.RandomHorizontalFlip()]
-
-
-def build_train_transforms(method, img_h, img_w):
-    """IRL: (T_rgb1, T_rgb2, T_ir1, T_ir2) of REFERENCE 5.2; AGW: (T,) of 5.3 (root AGW repo chain)."""
-    method = _check_method(method)
-    tensor = [T.ToTensor(), _normalize()]
-    if method == "agw":
-        return (T.Compose([T.ToPILImage(), *_pad_crop_flip(img_h, img_w), *tensor]),)
-    geometry = _pad_crop_flip(img_h, img_w)
-    return (
-        T.Compose([T.ToPILImage(), T.RandomGrayscale(p=0.5), *geometry, *tensor, ChannelRandomErasing(p=0.5)]),
-        T.Compose([T.ToPILImage(), *geometry, *tensor, ChannelRandomErasing(p=0.5), ChannelExchange(gray=2)]),
-        T.Compose([T.ToPILImage(), *geometry, *tensor, ChannelRandomErasing(p=0.5), ChannelAdapGray(p=0.5)]),
-        T.Compose([T.ToPILImage(), T.ColorJitter(brightness=0.5), *geometry, *tensor,
-                   ChannelRandomErasing(p=0.5), ChannelT(p=0.5)]),
-    )
 
 
 def build_test_transform(img_h, img_w):
     """ToPIL -> Resize((H, W)) (a no-op on pre-resized images, REFERENCE 1.5) -> ToTensor -> Normalize."""
-    return T.Compose([T.ToPILImage(), T.Resize((img_h, img_w)), T.ToTensor(), _normalize()])
-
-
-def _check_method(method):
-    name = str(method).lower()
-    if name not in TRAIN_METHODS:
-        raise ConfigError(f"unknown method {method!r}: expected one of {sorted(TRAIN_METHODS)}")
-    return name
+    return T.Compose([T.ToPILImage(), T.Resize((img_h, img_w)), *to_normalized_tensor()])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,12 +186,14 @@ def _load_image_stack(paths, img_h, img_w):
 class _PairedTrainData(Dataset):
     """RGB/IR pairs picked by the sampler plans `cIndex` / `tIndex` (set per epoch, REFERENCE 4.2-4.3).
 
-    Item k: IRL (T_rgb1(rgb), T_rgb2(rgb), T_ir1(ir), T_ir2(ir), rgb_label, ir_label) for 4 transforms,
-    AGW (T(rgb), T(ir), rgb_label, ir_label) for 1 transform; labels are numpy int64 scalars.
+    `views` are the method's ((modality, transform), ...) (methods.Method.train_views). Item k is one
+    transformed image per view, in view order (so the transforms draw their random numbers in that order,
+    as the official loaders do), then rgb_label, ir_label (numpy int64 scalars). IRL: (T_rgb1(rgb),
+    T_rgb2(rgb), T_ir1(ir), T_ir2(ir), labels); AGW: (T(rgb), T(ir), labels).
     """
 
-    def __init__(self, transforms, colorIndex=None, thermalIndex=None, method=None):
-        self.transforms = _as_transform_tuple(transforms, method)
+    def __init__(self, views, colorIndex=None, thermalIndex=None):
+        self.views = _checked_views(views)
         self.cIndex = colorIndex
         self.tIndex = thermalIndex
 
@@ -228,22 +210,17 @@ class _PairedTrainData(Dataset):
         rgb = np.asarray(self.train_color_image[ci])
         ir = np.asarray(self.train_thermal_image[ti])
         rgb_label, ir_label = self.train_color_label[ci], self.train_thermal_label[ti]
-        if len(self.transforms) == 1:
-            transform = self.transforms[0]
-            return transform(rgb), transform(ir), rgb_label, ir_label
-        t_rgb1, t_rgb2, t_ir1, t_ir2 = self.transforms
-        return t_rgb1(rgb), t_rgb2(rgb), t_ir1(ir), t_ir2(ir), rgb_label, ir_label
+        images = {RGB: rgb, IR: ir}
+        return (*(transform(images[modality]) for modality, transform in self.views), rgb_label, ir_label)
 
 
-def _as_transform_tuple(transforms, method):
-    transforms = (transforms,) if callable(transforms) else tuple(transforms)
-    if method is not None:
-        needed = TRAIN_METHODS[_check_method(method)]
-        if len(transforms) != needed:
-            raise ConfigError(f"method {method!r} needs {needed} training transforms, got {len(transforms)}")
-    if len(transforms) not in TRAIN_METHODS.values():
-        raise ConfigError(f"expected 4 (IRL) or 1 (AGW) training transforms, got {len(transforms)}")
-    return transforms
+def _checked_views(views):
+    views = tuple(views)
+    if not views or not all(isinstance(v, tuple) and len(v) == 2 and v[0] in VIEW_MODALITIES and callable(v[1])
+                            for v in views):
+        raise ConfigError(f"training views must be (modality, transform) pairs with modality in {VIEW_MODALITIES} "
+                          f"(see Method.train_views), got {views!r}")
+    return views
 
 
 class SYSUData(_PairedTrainData):
@@ -254,9 +231,8 @@ class SYSUData(_PairedTrainData):
     given, the stored image size is checked (IRL needs 384x192 files, AGW's script writes 288x144).
     """
 
-    def __init__(self, data_dir, transforms, colorIndex=None, thermalIndex=None, *, img_h=None, img_w=None,
-                 method=None):
-        super().__init__(transforms, colorIndex, thermalIndex, method)
+    def __init__(self, data_dir, views, colorIndex=None, thermalIndex=None, *, img_h=None, img_w=None):
+        super().__init__(views, colorIndex, thermalIndex)
         self.data_dir = str(data_dir)
         self.img_h, self.img_w = img_h, img_w
         self._open_arrays()
@@ -317,9 +293,8 @@ class _ListTrainData(_PairedTrainData):
 class RegDBData(_ListTrainData):
     """RegDB training split `trial` (1..10) from idx/train_{visible,thermal}_{trial}.txt (REFERENCE 1.3)."""
 
-    def __init__(self, data_dir, trial, transforms, img_h=384, img_w=192, colorIndex=None, thermalIndex=None,
-                 *, method=None):
-        super().__init__(transforms, colorIndex, thermalIndex, method)
+    def __init__(self, data_dir, trial, views, img_h=384, img_w=192, colorIndex=None, thermalIndex=None):
+        super().__init__(views, colorIndex, thermalIndex)
         self.data_dir, self.trial = str(data_dir), trial
         self._load(*data_manager.regdb_training_lists(self.data_dir, trial), img_h, img_w)
 
@@ -327,11 +302,23 @@ class RegDBData(_ListTrainData):
 class LLCMData(_ListTrainData):
     """LLCM training set from idx/train_vis.txt and idx/train_nir.txt (REFERENCE 1.4)."""
 
-    def __init__(self, data_dir, transforms, img_h=384, img_w=192, colorIndex=None, thermalIndex=None,
-                 *, method=None):
-        super().__init__(transforms, colorIndex, thermalIndex, method)
+    def __init__(self, data_dir, views, img_h=384, img_w=192, colorIndex=None, thermalIndex=None):
+        super().__init__(views, colorIndex, thermalIndex)
         self.data_dir = str(data_dir)
         self._load(*data_manager.llcm_training_lists(self.data_dir), img_h, img_w)
+
+
+# The training set of each dataset, built from its root, the method's views, the image size and (RegDB) split.
+TRAINING_SETS = {
+    "sysu": lambda root, views, img_h, img_w, trial: SYSUData(root, views, img_h=img_h, img_w=img_w),
+    "regdb": lambda root, views, img_h, img_w, trial: RegDBData(root, trial, views, img_h=img_h, img_w=img_w),
+    "llcm": lambda root, views, img_h, img_w, trial: LLCMData(root, views, img_h=img_h, img_w=img_w),
+}
+
+
+def training_set(dataset, data_path, views, img_h, img_w, *, trial=None):
+    """The training set of `dataset` ("sysu" | "regdb" | "llcm"; `trial` is RegDB's split 1..10)."""
+    return TRAINING_SETS[dataset](data_path, views, img_h, img_w, trial)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,9 +28,24 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-# Where each dataset's root is looked for when no --data-path is given (relative to the working directory).
-DEFAULT_DATA_PATHS = {"sysu": "./dataset/SYSU-MM01/", "regdb": "./dataset/RegDB/", "llcm": "./dataset/LLCM/"}
-DATASET_NAMES = {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM"}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the scripts need to know of a dataset; its layouts and protocols are the functions below."""
+    name: str                  # as papers print it
+    default_path: str          # root looked for without --data-path (relative to the working directory)
+    official_num_classes: int  # classifier size of the released models (REFERENCE 9)
+    num_splits: int            # RegDB: 10 train/test splits with one model each; 0: one split, gallery trials
+    options: tuple             # test-protocol options that apply to it (test.py checks its flags against them)
+
+
+DATASETS = {
+    "sysu": DatasetInfo("SYSU-MM01", "./dataset/SYSU-MM01/", 395, 0, ("mode", "shots")),
+    "regdb": DatasetInfo("RegDB", "./dataset/RegDB/", 206, 10, ("tvsearch",)),
+    "llcm": DatasetInfo("LLCM", "./dataset/LLCM/", 713, 0, ("direction", "shots", "deen_transposed")),
+}
+DEFAULT_DATA_PATHS = {key: info.default_path for key, info in DATASETS.items()}
 SYSU_RGB_CAMS = ("cam1", "cam2", "cam4", "cam5")
 SYSU_IR_CAMS = ("cam3", "cam6")
 SYSU_INDOOR_CAMS = ("cam1", "cam2")
@@ -156,7 +171,7 @@ def check_training_labels(rgb_labels, ir_labels, source):
 def check_dataset_root(dataset, data_path):
     """DatasetError naming the path when the root folder of `dataset` does not exist (a mistyped
     --data-path must be reported as such, before any file inside it is looked for)."""
-    _require_dir(data_path, f"{DATASET_NAMES[dataset]} dataset root")
+    _require_dir(data_path, f"{DATASETS[dataset].name} dataset root")
 
 
 def _require_dir(path, what):
@@ -513,3 +528,72 @@ def llcm_protocol(data_path, direction="ir2vis", trials=range(10), shots=1, deen
     return _protocol_from_folders(name, "llcm", process_query_llcm(data_path, query_modal), query_modal,
                                   _llcm_folders(data_path, gallery_modal), gallery_modal, trials, shots,
                                   transpose=deen_transposed)
+
+
+def evaluation_protocol(dataset, data_path, *, split=1, trials=range(10), mode="all", shots=1, tvsearch=False,
+                        direction="ir2vis", deen_transposed=False):
+    """The test protocol of `dataset` with its options (each dataset takes those in DATASETS[dataset].options;
+    RegDB evaluates one `split`, the others the gallery `trials`)."""
+    if dataset == "sysu":
+        return sysu_protocol(data_path, mode=mode, trials=trials, shots=shots)
+    if dataset == "regdb":
+        return regdb_protocol(data_path, split, tvsearch=tvsearch)
+    return llcm_protocol(data_path, direction=direction, trials=trials, shots=shots, deen_transposed=deen_transposed)
+
+
+def training_protocol(dataset, data_path, *, mode="all", split=1):
+    """The official training-time evaluation: the trial-0 gallery of the test set (REFERENCE 2), with only
+    the gallery images that trial uses."""
+    return evaluation_protocol(dataset, data_path, split=split, trials=[0], mode=mode).used_gallery_only()
+
+
+def protocol_label(dataset, *, mode="all", shots=1, tvsearch=False, direction="ir2vis", deen_transposed=False):
+    """Name of a protocol setting over all its trials/splits, e.g. sysu-all-single, regdb-t2v, llcm-vis2ir-single-deen."""
+    if dataset == "sysu":
+        return f"sysu-{mode}-{_shots_tag(shots)}"
+    if dataset == "regdb":
+        return "regdb-" + ("t2v" if tvsearch else "v2t")
+    return f"llcm-{direction}-{_shots_tag(shots)}" + ("-deen" if deen_transposed else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Held-out validation identities (train.py --val): selection without looking at the test set
+
+
+def held_out_labels(dataset, data_path, rgb_labels):
+    """Training labels used for validation: SYSU exp/val_id.txt; RegDB/LLCM a deterministic 10%."""
+    if dataset == "sysu":
+        rgb_files, ir_files = sysu_training_files(data_path, use_val=True)
+        if len(rgb_files) != len(rgb_labels):
+            raise DatasetError(f"the preprocessed .npy files in {data_path} hold {len(rgb_labels)} RGB images but "
+                               f"exp/train_id.txt + val_id.txt list {len(rgb_files)}: re-run pre_process_sysu.py")
+        file_labels, _ = sysu_training_labels(rgb_files, ir_files)
+        val_pids = set(sysu_val_ids(data_path))
+        return np.unique([label for label, f in zip(file_labels, rgb_files) if parse_cam_pid(f)[1] in val_pids])
+    ids = np.unique(rgb_labels)
+    return ids[9::10] if len(ids) >= 20 else ids[1::3]   # spread over the id range; >= 2 ids when tiny
+
+
+def validation_protocol(dataset, data_path, val_labels, split=1):
+    """Held-out identities: query = their IR images, gallery = their visible images (one trial)."""
+    if dataset == "sysu":
+        val_ids = sysu_val_ids(data_path)
+        query, _ = gallery_candidates(list_identity_folders(data_path, val_ids, SYSU_IR_CAMS))
+        gallery, sizes = gallery_candidates(list_identity_folders(data_path, val_ids, SYSU_RGB_CAMS))
+        q_pids, q_cams = _pids_cams(query)
+        g_pids, g_cams = _pids_cams(gallery)
+        return TestProtocol(name="sysu-val", metric="sysu", query_paths=query, query_pids=q_pids, query_cams=q_cams,
+                            query_modal=INFRARED, gallery_paths=gallery, gallery_pids=g_pids, gallery_cams=g_cams,
+                            gallery_modal=VISIBLE, trial_indices=[sample_gallery_indices(sizes, trial=0, shots=1)],
+                            trials=[0])
+    if dataset == "regdb":
+        rgb_paths, rgb_labels, ir_paths, ir_labels = regdb_training_lists(data_path, split)
+    else:
+        rgb_paths, rgb_labels, ir_paths, ir_labels = llcm_training_lists(data_path)
+    q = np.flatnonzero(np.isin(ir_labels, val_labels))
+    g = np.flatnonzero(np.isin(rgb_labels, val_labels))
+    return TestProtocol(name=f"{dataset}-val", metric="regdb", query_paths=[ir_paths[i] for i in q],
+                        query_pids=np.asarray(ir_labels)[q], query_cams=np.full(len(q), INFRARED),
+                        query_modal=INFRARED, gallery_paths=[rgb_paths[i] for i in g],
+                        gallery_pids=np.asarray(rgb_labels)[g], gallery_cams=np.full(len(g), VISIBLE),
+                        gallery_modal=VISIBLE, trial_indices=[np.arange(len(g))], trials=[0])

@@ -16,7 +16,6 @@ from torch import nn
 import resnet
 from utils import CheckpointError, ConfigError, Progress, load_torch_file
 
-METHODS = ("irl", "agw")
 CHECKPOINT_FORMAT = "vireid-ckpt-v1"
 MODAL_NAMES = {1: "visible", 2: "infrared"}
 IRL_SIZE_MULTIPLE = 16          # output stride of layer3: the layerATT side convs need exact divisions
@@ -259,9 +258,9 @@ def _backbone_parts(arch, n_stems, pretrained):
 class CrossModalNet(nn.Module):
     """Common parts of IRL and AGW: modality stems, shared trunk with Non_local, GeM + BNNeck head."""
 
-    method = None
+    method = None          # the training method's name; methods.Method.build_model sets it per instance
     STEMS = ()             # (module name, attribute name) in the official registration order
-    num_views = 0
+    num_inputs = 0         # image tensors the forward takes (the same image to each of them at test time)
 
     def __init__(self, num_classes, arch, img_h, img_w, pretrained, nl_inter):
         super().__init__()
@@ -281,6 +280,12 @@ class CrossModalNet(nn.Module):
         nn.init.zeros_(self.bottleneck.bias)
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+
+    @classmethod
+    def check_input_size(cls, img_h, img_w):
+        """ConfigError unless the network accepts img_h x img_w inputs (here: any positive size)."""
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
+            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
 
     def _head(self, x):
         x_pool = gem_pool(x.float())
@@ -308,10 +313,18 @@ class IRL(CrossModalNet):
     method = "irl"
     STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"),
              ("thermal_moduleA", "thermal"), ("visible_moduleA", "visible"))
-    num_views = 4
+    num_inputs = 4
+
+    @classmethod
+    def check_input_size(cls, img_h, img_w):
+        """The layerATT side convolutions divide the stem, layer1 and layer2 maps exactly into the layer-3 grid."""
+        super().check_input_size(img_h, img_w)
+        if img_h % IRL_SIZE_MULTIPLE or img_w % IRL_SIZE_MULTIPLE:
+            raise ConfigError(f"IRL needs image height and width that are multiples of {IRL_SIZE_MULTIPLE} "
+                              f"(e.g. 384x192, 256x128, 128x64), got {img_h}x{img_w}")
 
     def __init__(self, num_classes, arch="resnet50", img_h=384, img_w=192, pretrained=None):
-        check_input_size("irl", img_h, img_w)
+        self.check_input_size(img_h, img_w)
         super().__init__(num_classes, arch, img_h, img_w, pretrained, nl_inter=lambda c: c // 2)
         c = self.base_resnet.base.stage_channels
         c3 = c[3]
@@ -377,10 +390,10 @@ class AGW(CrossModalNet):
 
     method = "agw"
     STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"))
-    num_views = 2
+    num_inputs = 2
 
     def __init__(self, num_classes, arch="resnet50", img_h=288, img_w=144, pretrained=None):
-        check_input_size("agw", img_h, img_w)
+        self.check_input_size(img_h, img_w)
         super().__init__(num_classes, arch, img_h, img_w, pretrained, nl_inter=lambda c: 1)
 
     def forward(self, x_rgb, x_ir, modal=0):
@@ -398,49 +411,23 @@ class AGW(CrossModalNet):
         return self._head(base.layer4(x))
 
 
-MODELS = {"irl": IRL, "agw": AGW}
-
-
-def check_input_size(method, img_h, img_w):
-    """ConfigError unless the size suits the method: IRL multiples of 16 (layerATT), AGW any positive size."""
-    if not all(isinstance(v, int) and v > 0 for v in (img_h, img_w)):
-        raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
-    if method == "irl" and (img_h % IRL_SIZE_MULTIPLE or img_w % IRL_SIZE_MULTIPLE):
-        raise ConfigError(f"IRL needs image height and width that are multiples of {IRL_SIZE_MULTIPLE} "
-                          f"(e.g. 384x192, 256x128, 128x64), got {img_h}x{img_w}")
-
-
-def build_model(method, num_classes, arch="resnet50", img_h=384, img_w=192, pretrained=None):
-    """IRL or AGW model. pretrained: None/False = random init (a checkpoint will overwrite it), True =
-    torchvision's cached IMAGENET1K_V1 (else resnet.PretrainedWeightsError), str = local weights file."""
-    if method not in MODELS:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if arch not in resnet.ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(resnet.ARCHS)}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return MODELS[method](num_classes, arch=arch, img_h=img_h, img_w=img_w, pretrained=pretrained)
-
-
 def unwrap(model):
     """The model inside a DataParallel/DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
-def forward_views(model, views):
-    """Training forward for both methods: IRL takes 4 views (rgb1, rgb2, ir1, ir2), AGW 2 (rgb, ir)."""
-    net = unwrap(model)
-    if len(views) != net.num_views:
-        raise ConfigError(f"{net.method.upper()} takes {net.num_views} views per batch, got {len(views)}")
-    return model(*views, modal=0)
+def flip_average(features, flipped_features):
+    """CAJ's flip test-time augmentation (testa.py): the mean of the L2-normalised features of an image and of
+    its mirror image, normalised again."""
+    return l2_normalize((features + flipped_features) / 2)
 
 
-def extract_features(model, loader, modal, device, *, channels_last=False, progress=True):
+def extract_features(model, loader, modal, device, *, flip=False, channels_last=False, progress=True):
     """(pool, bn) float64 features [N, C] (L2-normalised) of every loader image, in loader order.
 
     Eval mode, inference mode, float32. The same image goes to every stem (official test protocol,
-    IRL averages its two stems of `modal`). channels_last also converts the model; its train/eval
-    mode is restored afterwards.
+    IRL averages its two stems of `modal`). flip: CAJ's flip test-time augmentation (`flip_average`).
+    channels_last also converts the model; its train/eval mode is restored afterwards.
     """
     if modal not in (1, 2):
         raise ConfigError(f"modal must be 1 (visible) or 2 (thermal), got {modal!r}")
@@ -457,7 +444,11 @@ def extract_features(model, loader, modal, device, *, channels_last=False, progr
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for imgs, _ in loader:
                 x = imgs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                pool, bn = net(*([x] * net.num_views), modal=modal)
+                pool, bn = net(*([x] * net.num_inputs), modal=modal)
+                if flip:
+                    mirrored = x.flip(3)
+                    pool_flipped, bn_flipped = net(*([mirrored] * net.num_inputs), modal=modal)
+                    pool, bn = flip_average(pool, pool_flipped), flip_average(bn, bn_flipped)
                 pools.append(pool.double().cpu().numpy())
                 bns.append(bn.double().cpu().numpy())
                 if shown is not None:

@@ -26,24 +26,15 @@ from tqdm import tqdm
 
 import data_loader
 import data_manager
-import eval_metrics
-import loss as losses
+import evaluation
+import method_base
+import methods
 import model as models
 import resnet
 import utils
 
 
-# Official recipes. IRL: its train.py (REFERENCE 8.5 / 11.1). AGW: the cross-modality baseline repository
-# (train.py defaults: 288x144, 8 ids x 4, lr 0.1 with its own warmup/step schedule, CE + weighted
-# regularisation triplet, epochs 0..80, no AMP, evaluation every second epoch).
-METHOD_DEFAULTS = {
-    "irl": dict(img_h=384, img_w=192, batch_size=6, num_pos=4, lr=0.1, epochs=150, loss_tri="QCT",
-                margin=0.7, lr_scheduler="step", warmup_epochs=10, milestones=[25, 90, 120],
-                eval_every=1, amp="cuda"),
-    "agw": dict(img_h=288, img_w=144, batch_size=8, num_pos=4, lr=0.1, epochs=81, loss_tri="WRT",
-                margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50],
-                eval_every=2, amp=False),
-}
+# Each method's official recipe is its table entry's `defaults` (methods.py); these fill the rest.
 COMMON_DEFAULTS = dict(dataset="sysu", method="irl", arch="resnet50", optim="SGD", backbone_lr_mult=0.1, trial=1,
                        seed=0, save_epoch=20, test_batch=64, workers=utils.default_workers(), mode="all", log_every=50, model_path="result/",
                        log_path="result/", gpu="0", device=None, pretrained=True, val=False)
@@ -86,13 +77,14 @@ def build_parser():
     add("--test-batch", dest="test_batch", type=int, help="evaluation batch size (default 64)")
     add("--workers", type=int, help="data loader workers (default 4, at most the CPU count)")
     add("--margin", type=float, help="OriTriplet margin (IRL 0.7, AGW 0.3); QCT uses 0.7 fixed, WRT none")
-    add("--loss_tri", choices=("QCT", "WRT", "OriTriplet"), help="metric loss (IRL QCT, AGW WRT)")
-    add("--lr_scheduler", choices=utils.LR_MODES + ("agw",), help="IRL step (warmup + x0.1), AGW agw")
+    add("--loss_tri", choices=tuple(method_base.METRIC_LOSSES), help="metric loss (IRL QCT, AGW WRT)")
+    add("--lr_scheduler", choices=utils.LR_MODES + tuple(utils.FIXED_LR_SCHEDULES),
+        help="IRL step (warmup + x0.1), AGW agw")
     add("--mode", choices=("all", "indoor"), help="SYSU search mode used for evaluation (default all)")
     # Extensions.
     add("--data-path", dest="data_path", help="dataset root (default ./dataset/SYSU-MM01/, ./dataset/RegDB/, "
                                               "./dataset/LLCM/)")
-    add("--method", choices=tuple(METHOD_DEFAULTS), help="irl (default) or agw")
+    add("--method", choices=methods.names(), help=f"{' | '.join(methods.names())} (default irl)")
     add("--arch", choices=("resnet50", "resnet18", "resnet34"), help="backbone (default resnet50)")
     add("--epochs", type=int, help="total epochs (IRL 150, AGW 81)")
     add("--warmup-epochs", dest="warmup_epochs", type=int, help="LR warmup epochs of the IRL schedule (10)")
@@ -130,9 +122,10 @@ def resolve_config(args, saved=None):
                                     f"configuration: {'; '.join(clashes)}")
     method = given.get("method") or (saved or {}).get("method") or COMMON_DEFAULTS["method"]
     config, sources = {}, {}
-    layers = [("flag", given), ("checkpoint", saved or {}), (f"{method} default", METHOD_DEFAULTS[method]),
+    recipe = methods.get(method).defaults
+    layers = [("flag", given), ("checkpoint", saved or {}), (f"{method} default", recipe),
               ("default", COMMON_DEFAULTS)]
-    for key in list(vars(args)) + list(METHOD_DEFAULTS[method]):
+    for key in list(vars(args)) + list(recipe):
         if key in config or key == "resume":
             continue
         for source, values in layers:
@@ -145,7 +138,8 @@ def resolve_config(args, saved=None):
         config["data_path"], sources["data_path"] = data_manager.DEFAULT_DATA_PATHS[config["dataset"]], "default"
     config["resume"] = args.resume
     validate_config(config)
-    if config["lr_scheduler"] == "agw" and "flag" in (sources["warmup_epochs"], sources["milestones"]):
+    if config["lr_scheduler"] in utils.FIXED_LR_SCHEDULES and "flag" in (sources["warmup_epochs"],
+                                                                         sources["milestones"]):
         raise utils.ConfigError("--warmup-epochs/--milestones shape the IRL schedules; the AGW schedule "
                                 "(--lr_scheduler agw) is fixed: warmup 10, x0.1 at 20, x0.01 at 50. For a custom "
                                 "schedule add --lr_scheduler step (warmup, then x0.1 at each milestone)")
@@ -167,8 +161,10 @@ def validate_config(config):
             raise utils.ConfigError(f"{key} must be >= 1, got {config[key]}")
     if int(config["workers"]) < 0:
         raise utils.ConfigError(f"--workers must be >= 0, got {config['workers']}")
-    if config["dataset"] == "regdb" and not 1 <= int(config["trial"]) <= 10:
-        raise utils.ConfigError(f"--trial must be in 1..10 for RegDB, got {config['trial']}")
+    splits = data_manager.DATASETS[config["dataset"]].num_splits
+    if splits and not 1 <= int(config["trial"]) <= splits:
+        raise utils.ConfigError(f"--trial must be in 1..{splits} for {data_manager.DATASETS[config['dataset']].name}, "
+                                f"got {config['trial']}")
 
 
 def run_suffix(config):
@@ -177,7 +173,7 @@ def run_suffix(config):
               f"_lr_{config['lr']}_seed_{config['seed']}")
     if config["val"]:
         suffix += "_val"
-    if config["dataset"] == "regdb":
+    if data_manager.DATASETS[config["dataset"]].num_splits:
         suffix += f"_trial_{config['trial']}"
     return suffix
 
@@ -214,86 +210,22 @@ class TrainData:
 
 def build_train_data(config):
     """Training set and (for --val) the held-out identities' evaluation protocol."""
-    root, dataset, method = config["data_path"], config["dataset"], config["method"]
+    root, dataset = config["data_path"], config["dataset"]
     data_manager.check_dataset_root(dataset, root)
-    transforms = data_loader.build_train_transforms(method, config["img_h"], config["img_w"])
-    if dataset == "sysu":
-        trainset = data_loader.SYSUData(root, transforms, img_h=config["img_h"], img_w=config["img_w"],
-                                        method=method)
-    elif dataset == "regdb":
-        trainset = data_loader.RegDBData(root, config["trial"], transforms, img_h=config["img_h"],
-                                         img_w=config["img_w"], method=method)
-    else:
-        trainset = data_loader.LLCMData(root, transforms, img_h=config["img_h"], img_w=config["img_w"],
-                                        method=method)
+    views = methods.get(config["method"]).train_views(config["img_h"], config["img_w"])
+    trainset = data_loader.training_set(dataset, root, views, config["img_h"], config["img_w"], trial=config["trial"])
     rgb_labels = np.asarray(trainset.train_color_label)
     ir_labels = np.asarray(trainset.train_thermal_label)
     if not config["val"]:
         return TrainData(trainset, rgb_labels, ir_labels), None
-    val_labels = held_out_labels(config, rgb_labels)
+    val_labels = data_manager.held_out_labels(dataset, root, rgb_labels)
     rgb_keep = np.flatnonzero(~np.isin(rgb_labels, val_labels))
     ir_keep = np.flatnonzero(~np.isin(ir_labels, val_labels))
     if len(np.unique(rgb_labels[rgb_keep])) < config["batch_size"]:
         raise utils.ConfigError(f"--val leaves {len(np.unique(rgb_labels[rgb_keep]))} training identities, "
                                 f"fewer than --batch-size {config['batch_size']}")
     return (TrainData(trainset, rgb_labels, ir_labels, rgb_keep, ir_keep),
-            validation_protocol(config, val_labels))
-
-
-def held_out_labels(config, rgb_labels):
-    """Training labels used for validation: SYSU exp/val_id.txt; RegDB/LLCM a deterministic 10%."""
-    if config["dataset"] == "sysu":
-        rgb_files, ir_files = data_manager.sysu_training_files(config["data_path"], use_val=True)
-        if len(rgb_files) != len(rgb_labels):
-            raise data_manager.DatasetError(
-                f"the preprocessed .npy files in {config['data_path']} hold {len(rgb_labels)} RGB images but "
-                f"exp/train_id.txt + val_id.txt list {len(rgb_files)}: re-run pre_process_sysu.py")
-        file_labels, _ = data_manager.sysu_training_labels(rgb_files, ir_files)
-        val_pids = set(data_manager.sysu_val_ids(config["data_path"]))
-        return np.unique([label for label, f in zip(file_labels, rgb_files)
-                          if data_manager.parse_cam_pid(f)[1] in val_pids])
-    ids = np.unique(rgb_labels)
-    return ids[9::10] if len(ids) >= 20 else ids[1::3]   # spread over the id range; >= 2 ids when tiny
-
-
-def validation_protocol(config, val_labels):
-    """Held-out identities: query = their IR images, gallery = their visible images (one trial)."""
-    root = config["data_path"]
-    if config["dataset"] == "sysu":
-        val_ids = data_manager.sysu_val_ids(root)
-        query, _ = data_manager.gallery_candidates(
-            data_manager.list_identity_folders(root, val_ids, data_manager.SYSU_IR_CAMS))
-        gallery, sizes = data_manager.gallery_candidates(
-            data_manager.list_identity_folders(root, val_ids, data_manager.SYSU_RGB_CAMS))
-        q_cams, q_pids = (np.array(v, dtype=np.int64) for v in zip(*map(data_manager.parse_cam_pid, query)))
-        g_cams, g_pids = (np.array(v, dtype=np.int64) for v in zip(*map(data_manager.parse_cam_pid, gallery)))
-        return data_manager.TestProtocol(
-            name="sysu-val", metric="sysu", query_paths=query, query_pids=q_pids, query_cams=q_cams,
-            query_modal=2, gallery_paths=gallery, gallery_pids=g_pids, gallery_cams=g_cams, gallery_modal=1,
-            trial_indices=[data_manager.sample_gallery_indices(sizes, trial=0, shots=1)], trials=[0])
-    if config["dataset"] == "regdb":
-        rgb_paths, rgb_labels, ir_paths, ir_labels = data_manager.regdb_training_lists(root, config["trial"])
-    else:
-        rgb_paths, rgb_labels, ir_paths, ir_labels = data_manager.llcm_training_lists(root)
-    q = np.flatnonzero(np.isin(ir_labels, val_labels))
-    g = np.flatnonzero(np.isin(rgb_labels, val_labels))
-    return data_manager.TestProtocol(
-        name=f"{config['dataset']}-val", metric="regdb",
-        query_paths=[ir_paths[i] for i in q], query_pids=np.asarray(ir_labels)[q], query_cams=np.full(len(q), 2),
-        query_modal=2, gallery_paths=[rgb_paths[i] for i in g], gallery_pids=np.asarray(rgb_labels)[g],
-        gallery_cams=np.full(len(g), 1), gallery_modal=1, trial_indices=[np.arange(len(g))], trials=[0])
-
-
-def test_protocol(config):
-    """The faithful training-time evaluation split: trial-0 gallery of the test set (REFERENCE 2)."""
-    root = config["data_path"]
-    if config["dataset"] == "sysu":
-        protocol = data_manager.sysu_protocol(root, mode=config["mode"], trials=[0])
-    elif config["dataset"] == "regdb":
-        protocol = data_manager.regdb_protocol(root, config["trial"])
-    else:
-        protocol = data_manager.llcm_protocol(root, direction="ir2vis", trials=[0])
-    return protocol.used_gallery_only()
+            data_manager.validation_protocol(dataset, root, val_labels, split=config["trial"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,27 +240,15 @@ def pretrained_arg(config, resuming):
 
 
 def lr_schedule(config):
-    if config["lr_scheduler"] == "agw":
-        return utils.agw_lr_factor
+    if config["lr_scheduler"] in utils.FIXED_LR_SCHEDULES:
+        return utils.FIXED_LR_SCHEDULES[config["lr_scheduler"]]
     return functools.partial(utils.lr_factor, mode=config["lr_scheduler"], milestones=tuple(config["milestones"]),
                              warmup_epochs=config["warmup_epochs"], total_epochs=config["epochs"])
 
 
-def build_criteria(config):
-    if config["loss_tri"] == "QCT":
-        metric = losses.QuarCenterTripletLoss(margin=0.7)   # margin hard-coded officially (REFERENCE 7.2)
-    elif config["loss_tri"] == "WRT":
-        metric = losses.TripletLoss_WRT()
-    else:
-        metric = losses.OriTripletLoss(margin=config["margin"])
-    return nn.CrossEntropyLoss(), metric
-
-
-def training_loss(criteria, pool, logits, labels):
-    """(total, id, metric): CE on the BN-neck logits + metric loss on the pooled features (REFERENCE 7.1)."""
-    id_loss = criteria[0](logits.float(), labels)
-    metric_loss = criteria[1](pool.float(), labels)
-    return id_loss + metric_loss, id_loss, metric_loss
+def training_loss(run, outputs, labels):
+    """{term name: scalar tensor} of the method's training loss; the loss is their sum."""
+    return run.criterion(outputs, labels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,7 +361,7 @@ def train_one_epoch(run, epoch):
     loader = DataLoader(data.dataset, batch_size=cfg["batch_size"] * cfg["num_pos"], sampler=sampler,
                         num_workers=cfg["workers"], drop_last=True, pin_memory=run.device.type == "cuda")
     label_map = torch.from_numpy(data.label_map)
-    meters = {k: utils.AverageMeter() for k in ("loss", "id_loss", "tri_loss", "acc")}
+    meters = {k: utils.AverageMeter() for k in ("loss", "acc")}
     run.net.train()
     lr = group_lrs(run.optimizer)
     # Progress bar with ETA on an interactive terminal; a line every --log-every steps everywhere.
@@ -451,11 +371,12 @@ def train_one_epoch(run, epoch):
     for step, batch in enumerate(bar):
         *views, l_rgb, l_ir = batch
         l_rgb, l_ir = label_map[l_rgb.long()], label_map[l_ir.long()]
-        labels = torch.cat([l_rgb, l_rgb, l_ir, l_ir] if len(views) == 4 else [l_rgb, l_ir]).to(run.device)
+        labels = run.method.train_labels(l_rgb, l_ir).to(run.device)
         views = [v.to(run.device, non_blocking=True) for v in views]
         with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            pool, logits = models.forward_views(run.net, views)
-            total, id_loss, tri_loss = training_loss(run.criteria, pool, logits, labels)
+            outputs = run.method.forward_train(run.net, views)
+            terms = training_loss(run, outputs, labels)
+            total = sum(terms.values())
         if any_rank_true(not torch.isfinite(total.detach()).item(), run.world_size):
             raise NonFiniteLossError(f"training loss is {total.item()} at epoch {epoch}, batch {step}: stopped "
                                      f"without saving; last good checkpoint: {run.last_good or 'none yet'}")
@@ -466,14 +387,20 @@ def train_one_epoch(run, epoch):
         n = labels.numel()
         images += n
         meters["loss"].update(total.item(), n)
-        meters["id_loss"].update(id_loss.item(), n)
-        meters["tri_loss"].update(tri_loss.item(), n)
+        for name, value in terms.items():
+            meters.setdefault(name, utils.AverageMeter()).update(value.item(), n)
+        logits = run.method.classification_logits(outputs)
         meters["acc"].update((logits.argmax(1) == labels).float().mean().item(), n)
         bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{100 * meters['acc'].avg:.1f}%")
         if run.rank == 0 and ((step + 1) % cfg["log_every"] == 0 or step + 1 == len(loader)):
             run.log.info(step_line(run, epoch, step + 1, len(loader), meters, images, time.time() - start))
     bar.close()
-    return {"lr": lr["backbone"], "lr_groups": lr, **{k: m.avg for k, m in meters.items()}, "batches": len(loader)}
+    return {"lr": lr["backbone"], "lr_groups": lr, "loss": meters.pop("loss").avg, "acc": meters.pop("acc").avg,
+            "loss_terms": {name: m.avg for name, m in meters.items()}, "batches": len(loader)}
+
+
+def loss_terms_text(terms):
+    return ", ".join(f"{name} {value:.4f}" for name, value in terms.items())
 
 
 def group_lrs(optimizer):
@@ -486,26 +413,19 @@ def step_line(run, epoch, step, steps, meters, images, elapsed):
     cfg = run.config
     epoch_eta = elapsed / step * (steps - step)
     run_eta = epoch_eta + elapsed / step * steps * (cfg["epochs"] - 1 - epoch)
+    terms = {name: m.avg for name, m in meters.items() if name not in ("loss", "acc")}
     return (f"epoch {epoch}/{cfg['epochs'] - 1} step {step}/{steps}: loss {meters['loss'].avg:.4f} "
-            f"(id {meters['id_loss'].avg:.4f}, {cfg['loss_tri']} {meters['tri_loss'].avg:.4f}) "
-            f"acc {100 * meters['acc'].avg:.2f}%, {images * run.world_size / elapsed:.1f} img/s, "
+            f"({loss_terms_text(terms)}) acc {100 * meters['acc'].avg:.2f}%, "
+            f"{images * run.world_size / elapsed:.1f} img/s, "
             f"ETA epoch {utils.format_seconds(epoch_eta)}, run {utils.format_seconds(run_eta)} (training only)")
 
 
-def extract(net, paths, pids, modal, cfg, device):
-    loader = data_loader.make_test_loader(list(paths), np.asarray(pids), cfg["img_h"], cfg["img_w"],
-                                          cfg["test_batch"], cfg["workers"])
-    pool, bn = models.extract_features(net, loader, modal, device, progress=False)
-    return {"pool": pool, "bn": bn}
-
-
 def evaluate(run):
-    p = run.protocol
-    query = extract(run.bare_net, p.query_paths, p.query_pids, p.query_modal, run.config, run.device)
-    gallery = extract(run.bare_net, p.gallery_paths, p.gallery_pids, p.gallery_modal, run.config, run.device)
-    for message in eval_metrics.non_finite_warnings(query, gallery):
-        run.log.warning(message)
-    return plain(eval_metrics.evaluate_protocol(query, gallery, p, modes=("bn", "pool")))
+    cfg = run.config
+    result, _, _ = evaluation.evaluate(run.bare_net, run.protocol, cfg["img_h"], cfg["img_w"], cfg["test_batch"],
+                                       cfg["workers"], run.device, ("bn", "pool"), progress=False,
+                                       warn=run.log.warning)
+    return plain(result)
 
 
 def summary_line(result):
@@ -554,8 +474,10 @@ def end_of_epoch(run, epoch, stats):
     with open(run.paths["metrics"], "a", encoding="utf-8") as f:
         f.write(json.dumps(plain(record)) + "\n")
     if run.tb is not None:
-        for key in ("loss", "id_loss", "tri_loss", "lr", "acc"):
+        for key in ("loss", "lr", "acc"):
             run.tb.add_scalar(key, stats[key], epoch)
+        for name, value in stats["loss_terms"].items():
+            run.tb.add_scalar(f"loss_{name}", value, epoch)
         for mode in (record["eval"] or {}):
             run.tb.add_scalar(f"rank1_{mode}", record["eval"][mode]["cmc"][0], epoch)
             run.tb.add_scalar(f"mAP_{mode}", record["eval"][mode]["mAP"], epoch)
@@ -613,8 +535,11 @@ def setup_run(args):
     if ckpt and ckpt["config"].get("num_classes") != data.num_classes:
         raise utils.ConfigError(f"cannot resume {resume_path}: it has {ckpt['config'].get('num_classes')} "
                                 f"classes but the training set in {config['data_path']} has {data.num_classes}")
-    protocol = (val_protocol or test_protocol(config)) if rank == 0 else None
-    net = models.build_model(config["method"], data.num_classes, config["arch"], config["img_h"],
+    protocol = (val_protocol or data_manager.training_protocol(config["dataset"], config["data_path"],
+                                                               mode=config["mode"], split=config["trial"])) \
+        if rank == 0 else None
+    method = methods.get(config["method"])
+    net = method.build_model(data.num_classes, config["arch"], config["img_h"],
                              config["img_w"], pretrained=pretrained_arg(config, ckpt is not None)).to(device)
     optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
                                 momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -623,7 +548,7 @@ def setup_run(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = Run(config=config, sources=sources, world_size=world_size, rank=rank, device=device, suffix=suffix,
               paths=paths, log=log, data=data, protocol=protocol, bare_net=net, net=net, optimizer=optimizer,
-              scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, criteria=build_criteria(config),
+              scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, method=method, criterion=method.build_criterion(config),
               start_epoch=0, best_metric=-1.0, best_epoch=-1, last_good=None, tb=None)
     if ckpt:
         restore_training_state(run, ckpt, resume_path)
@@ -686,8 +611,8 @@ def train(args):
         stats["seconds"] = round(time.time() - start, 2)
         if run.rank == 0:
             log.info(f"Epoch {epoch}: lr heads {stats['lr_groups']['classifier']:g} backbone "
-                     f"{stats['lr_groups']['backbone']:g}, loss {stats['loss']:.4f} (id {stats['id_loss']:.4f}, "
-                     f"{cfg['loss_tri']} {stats['tri_loss']:.4f}) acc {100 * stats['acc']:.2f}% "
+                     f"{stats['lr_groups']['backbone']:g}, loss {stats['loss']:.4f} ({loss_terms_text(stats['loss_terms'])}) "
+                     f"acc {100 * stats['acc']:.2f}% "
                      f"[{stats['batches']} batches, {stats['seconds']:.1f}s]")
             end_of_epoch(run, epoch, stats)
         if run.world_size > 1:

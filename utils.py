@@ -487,6 +487,10 @@ def agw_lr_factor(epoch) -> float:
     return 0.01
 
 
+# Schedules with their own fixed shape (no warmup/milestone flags), by --lr_scheduler name.
+FIXED_LR_SCHEDULES = {"agw": agw_lr_factor}
+
+
 def make_lr_scheduler(optimizer, factor_fn) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR applying `factor_fn(epoch)`; the constructor applies epoch 0, step() once per epoch END.
 

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import methods  # noqa: E402
 import model as M  # noqa: E402
 from utils import format_table  # noqa: E402
 
@@ -49,7 +50,7 @@ def images(n, h, w, device, memory_format, seed):
 
 def bench_one(method, arch, h, w, channels_last, args, device):
     torch.manual_seed(0)
-    net = M.build_model(method, 395, arch, h, w).to(device)
+    net = methods.get(method).build_model(395, arch, h, w).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net.to(memory_format=memory_format)
 
@@ -58,18 +59,19 @@ def bench_one(method, arch, h, w, channels_last, args, device):
 
     def eval_step():
         with torch.inference_mode():
-            net(*([x] * net.num_views), modal=1)
+            net(*([x] * net.num_inputs), modal=1)
 
     eval_seconds = timed(eval_step, args.iters, device)
 
-    views = [images(args.train_batch, h, w, device, memory_format, 1 + i) for i in range(net.num_views)]
-    labels = torch.arange(args.train_batch * net.num_views, device=device) % 395
+    views = [images(args.train_batch, h, w, device, memory_format, 1 + i)
+             for i in range(len(methods.get(method).view_modalities))]
+    labels = torch.arange(args.train_batch * len(views), device=device) % 395
     optimizer = torch.optim.SGD(M.param_groups(net, 0.1), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     net.train()
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        _, logits = M.forward_views(net, views)
+        _, logits = methods.get(method).forward_train(net, views)
         F.cross_entropy(logits, labels).backward()
         optimizer.step()
 
@@ -78,13 +80,13 @@ def bench_one(method, arch, h, w, channels_last, args, device):
             "memory": "channels_last" if channels_last else "contiguous",
             "eval img/s": args.eval_batch / eval_seconds,
             "train step s": train_seconds,
-            "train img/s": args.train_batch * net.num_views / train_seconds}
+            "train img/s": args.train_batch * len(views) / train_seconds}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 timed iteration, eval batch 2, train batch 1/view")
-    parser.add_argument("--methods", nargs="+", default=["irl", "agw"], choices=M.METHODS)
+    parser.add_argument("--methods", nargs="+", default=["irl", "agw"], choices=methods.names())
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 3, quick 1)")

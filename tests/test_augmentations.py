@@ -8,8 +8,9 @@ import pytest
 import torch
 import torchvision.transforms as T
 
+import methods
 from data_loader import (CIFAR_MEAN, ChannelAdapGray, ChannelExchange, ChannelRandomErasing, ChannelT,
-                         build_test_transform, build_train_transforms)
+                         build_test_transform)
 from utils import ConfigError
 
 N_TRIALS = 3000
@@ -234,12 +235,17 @@ def test_channel_random_erasing_p_bounds():
 
 # --- transform chains ----------------------------------------------------------------------------------
 
+def train_transforms(method, img_h, img_w):
+    """The transforms of a method's training views, in item order."""
+    return tuple(transform for _, transform in methods.get(method).train_views(img_h, img_w))
+
+
 def chain_names(compose):
     return [type(t).__name__ for t in compose.transforms]
 
 
 def test_irl_train_transforms_match_reference_chains():
-    t_rgb1, t_rgb2, t_ir1, t_ir2 = build_train_transforms("irl", 128, 64)
+    t_rgb1, t_rgb2, t_ir1, t_ir2 = train_transforms("irl", 128, 64)
     geometry = ["Pad", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize", "ChannelRandomErasing"]
     assert chain_names(t_rgb1) == ["ToPILImage", "RandomGrayscale"] + geometry
     assert chain_names(t_rgb2) == ["ToPILImage"] + geometry + ["ChannelExchange"]
@@ -257,7 +263,7 @@ def test_irl_train_transforms_match_reference_chains():
 def test_irl_views_shapes_and_channel_effects():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (128, 64, 3), dtype=np.uint8)
-    views = build_train_transforms("irl", 128, 64)
+    views = train_transforms("irl", 128, 64)
     assert len(views) == 4
     torch.manual_seed(0)
     random.seed(0)
@@ -273,7 +279,8 @@ def test_irl_views_shapes_and_channel_effects():
 
 
 def test_agw_transform_is_single_pad_crop_flip_chain():
-    (t,) = build_train_transforms("agw", 96, 48)
+    t, t_ir = train_transforms("agw", 96, 48)
+    assert t is t_ir and [m for m, _ in methods.get("agw").train_views(96, 48)] == ["rgb", "ir"]
     assert chain_names(t) == ["ToPILImage", "Pad", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     image = np.full((96, 48, 3), 200, dtype=np.uint8)
     assert t(image).shape == (3, 96, 48)
@@ -281,7 +288,7 @@ def test_agw_transform_is_single_pad_crop_flip_chain():
 
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown method"):
-        build_train_transforms("deen", 128, 64)
+        methods.get("bot")
 
 
 def test_test_transform_is_plain_normalisation_of_presized_images():

@@ -12,8 +12,9 @@ from PIL import Image
 
 import data_loader
 import data_manager
+import methods
 import pre_process_sysu
-from data_loader import (LLCMData, RegDBData, SYSUData, build_test_transform, build_train_transforms,
+from data_loader import (LLCMData, RegDBData, SYSUData, build_test_transform,
                          load_resized_rgb, make_test_loader)
 from data_manager import DatasetError
 from tools.make_synthetic import make_llcm, make_regdb, make_sysu
@@ -63,7 +64,7 @@ def assert_irl_item(item, dataset, k):
 # --- SYSU -------------------------------------------------------------------------------------------------
 
 def test_sysu_images_are_memory_mapped_and_labels_in_memory(sysu_npy):
-    ds = SYSUData(sysu_npy, build_train_transforms("irl", H, W), img_h=H, img_w=W)
+    ds = SYSUData(sysu_npy, methods.get("irl").train_views(H, W), img_h=H, img_w=W)
     assert isinstance(ds.train_color_image, np.memmap) and ds.train_color_image.mode == "r"
     assert isinstance(ds.train_thermal_image, np.memmap)
     assert not isinstance(ds.train_color_label, np.memmap) and ds.train_color_label.dtype == np.int64
@@ -72,13 +73,13 @@ def test_sysu_images_are_memory_mapped_and_labels_in_memory(sysu_npy):
 
 
 def test_sysu_irl_items_are_four_views_and_two_labels(sysu_npy):
-    ds = plan(SYSUData(sysu_npy, build_train_transforms("irl", H, W)))
+    ds = plan(SYSUData(sysu_npy, methods.get("irl").train_views(H, W)))
     for k in range(3):
         assert_irl_item(ds[k], ds, k)
 
 
 def test_sysu_agw_items_are_two_views_and_two_labels(sysu_npy):
-    ds = plan(SYSUData(sysu_npy, build_train_transforms("agw", H, W), method="agw"))
+    ds = plan(SYSUData(sysu_npy, methods.get("agw").train_views(H, W)))
     v_rgb, v_ir, l_rgb, l_ir = ds[2]
     assert v_rgb.shape == v_ir.shape == (3, H, W)
     assert l_rgb == ds.train_color_label[ds.cIndex[2]] and l_ir == ds.train_thermal_label[ds.tIndex[2]]
@@ -86,14 +87,14 @@ def test_sysu_agw_items_are_two_views_and_two_labels(sysu_npy):
 
 def test_sysu_views_come_from_the_indexed_images(sysu_npy):
     identity = build_test_transform(H, W)     # deterministic: the item must equal the indexed stored image
-    ds = plan(SYSUData(sysu_npy, identity))
+    ds = plan(SYSUData(sysu_npy, [("rgb", identity), ("ir", identity)]))
     rgb, ir, _, _ = ds[4]
     assert torch.equal(rgb, identity(np.asarray(ds.train_color_image[ds.cIndex[4]])))
     assert torch.equal(ir, identity(np.asarray(ds.train_thermal_image[ds.tIndex[4]])))
 
 
 def test_sysu_index_plan_is_settable_per_epoch(sysu_npy):
-    ds = SYSUData(sysu_npy, build_train_transforms("agw", H, W))
+    ds = SYSUData(sysu_npy, methods.get("agw").train_views(H, W))
     with pytest.raises(RuntimeError, match="cIndex"):
         ds[0]
     color_pos, thermal_pos = GenIdx(ds.train_color_label, ds.train_thermal_label)
@@ -106,12 +107,12 @@ def test_sysu_index_plan_is_settable_per_epoch(sysu_npy):
 
 def test_sysu_size_mismatch_is_a_clear_error(sysu_npy):
     with pytest.raises(DatasetError, match="384x192"):
-        SYSUData(sysu_npy, build_train_transforms("irl", 384, 192), img_h=384, img_w=192)
+        SYSUData(sysu_npy, methods.get("irl").train_views(384, 192), img_h=384, img_w=192)
 
 
 def test_sysu_missing_npy_points_to_preprocessing(tmp_path):
     with pytest.raises(DatasetError, match="pre_process_sysu.py"):
-        SYSUData(str(tmp_path), build_train_transforms("irl", H, W))
+        SYSUData(str(tmp_path), methods.get("irl").train_views(H, W))
 
 
 def test_sysu_label_count_mismatch_is_a_clear_error(sysu_npy, tmp_path):
@@ -120,11 +121,11 @@ def test_sysu_label_count_mismatch_is_a_clear_error(sysu_npy, tmp_path):
     os.remove(tmp_path / "train_ir_resized_label.npy")
     np.save(tmp_path / "train_ir_resized_label.npy", np.zeros(3, dtype=np.int64))
     with pytest.raises(DatasetError, match="train_ir_resized_img.npy"):
-        SYSUData(str(tmp_path), build_train_transforms("irl", H, W))
+        SYSUData(str(tmp_path), methods.get("irl").train_views(H, W))
 
 
 def test_sysu_pickles_without_copying_the_images(sysu_npy):
-    ds = plan(SYSUData(sysu_npy, build_train_transforms("agw", H, W)))
+    ds = plan(SYSUData(sysu_npy, methods.get("agw").train_views(H, W)))
     blob = pickle.dumps(ds)
     assert len(blob) < ds.train_color_image.nbytes / 4
     clone = pickle.loads(blob)
@@ -133,18 +134,18 @@ def test_sysu_pickles_without_copying_the_images(sysu_npy):
     assert np.array_equal(clone.cIndex, ds.cIndex)
 
 
-def test_transform_count_must_match_the_method(sysu_npy):
-    with pytest.raises(ConfigError, match="needs 4"):
-        SYSUData(sysu_npy, build_train_transforms("agw", H, W), method="irl")
-    with pytest.raises(ConfigError):
-        SYSUData(sysu_npy, build_train_transforms("irl", H, W)[:2])
+def test_views_must_be_modality_transform_pairs(sysu_npy):
+    transform = build_test_transform(H, W)
+    for views in ([transform], [("rgb", transform), ("nir", transform)], [("ir", None)], []):
+        with pytest.raises(ConfigError, match="modality, transform"):
+            SYSUData(sysu_npy, views)
 
 
 # --- RegDB / LLCM ------------------------------------------------------------------------------------------
 
 def test_regdb_loads_resized_uint8_images_in_list_order(regdb_root):
     rgb_paths, rgb_labels, ir_paths, ir_labels = data_manager.regdb_training_lists(regdb_root, 1)
-    ds = RegDBData(regdb_root, 1, build_train_transforms("irl", H, W), img_h=H, img_w=W)
+    ds = RegDBData(regdb_root, 1, methods.get("irl").train_views(H, W), img_h=H, img_w=W)
     assert ds.train_color_image.shape == (len(rgb_paths), H, W, 3) and ds.train_color_image.dtype == np.uint8
     assert ds.train_thermal_image.shape == (len(ir_paths), H, W, 3)
     assert np.array_equal(ds.train_color_label, rgb_labels) and np.array_equal(ds.train_thermal_label, ir_labels)
@@ -158,7 +159,7 @@ def test_regdb_loads_resized_uint8_images_in_list_order(regdb_root):
 
 def test_llcm_loads_and_yields_irl_items(llcm_root):
     rgb_paths, rgb_labels, ir_paths, _ = data_manager.llcm_training_lists(llcm_root)
-    ds = plan(LLCMData(llcm_root, build_train_transforms("irl", H, W), img_h=H, img_w=W))
+    ds = plan(LLCMData(llcm_root, methods.get("irl").train_views(H, W), img_h=H, img_w=W))
     assert ds.train_color_image.shape == (len(rgb_paths), H, W, 3)
     assert ds.train_thermal_image.shape == (len(ir_paths), H, W, 3)
     assert np.array_equal(ds.train_color_image[0], naive_resize(rgb_paths[0]))
@@ -167,7 +168,7 @@ def test_llcm_loads_and_yields_irl_items(llcm_root):
 
 
 def test_llcm_agw_items(llcm_root):
-    ds = plan(LLCMData(llcm_root, build_train_transforms("agw", H, W), img_h=H, img_w=W))
+    ds = plan(LLCMData(llcm_root, methods.get("agw").train_views(H, W), img_h=H, img_w=W))
     assert len(ds[0]) == 4
 
 

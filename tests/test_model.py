@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from conftest import GOLDEN_DIR
 
+import methods
 import model as M
 import resnet
 from utils import CheckpointError, ConfigError
@@ -71,16 +72,16 @@ def save_official(state, path):
 @pytest.fixture(scope="module")
 def official_models():
     """Full-size IRL (384x192) and AGW (288x144) resnet50 models, 395 classes."""
-    return {m: M.build_model(m, 395, "resnet50", *OFFICIAL_SIZES[m]) for m in ("irl", "agw")}
+    return {m: methods.get(m).build_model(395, "resnet50", *OFFICIAL_SIZES[m]) for m in ("irl", "agw")}
 
 
 def small(method="irl", arch="resnet18", num_classes=7, **kw):
     torch.manual_seed(0)
-    return M.build_model(method, num_classes, arch, **{**SMALL, **kw})
+    return methods.get(method).build_model(num_classes, arch, **{**SMALL, **kw})
 
 
 def views(model, batch=2, seed=0, size=(128, 64)):
-    return [randn((batch, 3) + size, seed + i) for i in range(model.num_views)]
+    return [randn((batch, 3) + size, seed + i) for i in range(model.num_inputs)]
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -94,8 +95,8 @@ def test_train_and_eval_shapes_gradients(method, arch):
     assert net.feat_dim == feat_dim and net.method == method
     net.train()
     xs = views(net)
-    pool, logits = M.forward_views(net, xs)
-    n = 2 * net.num_views
+    pool, logits = methods.get(net.method).forward_train(net, xs)
+    n = 2 * net.num_inputs
     assert pool.shape == (n, feat_dim) and logits.shape == (n, 5)
     labels = torch.arange(n) % 5
     (F.cross_entropy(logits, labels) + pool.mean()).backward()
@@ -255,13 +256,13 @@ def test_pretrained_file_initialises_every_stem_and_the_trunk(tmp_path, monkeypa
     state = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "r18.pth"
     torch.save(state, path)
-    net = M.build_model("irl", 3, "resnet18", 128, 64, pretrained=str(path))
+    net = methods.get("irl").build_model(3, "resnet18", 128, 64, pretrained=str(path))
     for name, attr in net.STEMS:
         assert torch.equal(getattr(getattr(net, name), attr).conv1.weight, state["conv1.weight"])
     assert torch.equal(net.base_resnet.base.layer3[1].bn2.running_mean, state["layer3.1.bn2.running_mean"])
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
     with pytest.raises(resnet.PretrainedWeightsError, match="--no-pretrained"):
-        M.build_model("agw", 3, "resnet18", 128, 64, pretrained=True)
+        methods.get("agw").build_model(3, "resnet18", 128, 64, pretrained=True)
 
 
 # ------------------------------------------------------------------------------------ API helpers
@@ -284,10 +285,10 @@ def test_forward_views_checks_the_view_count():
     net = small("agw").train()
     xs = views(net)
     torch.manual_seed(0)
-    pool, logits = M.forward_views(net, xs)
+    pool, logits = methods.get(net.method).forward_train(net, xs)
     assert pool.shape == (4, 512)
     with pytest.raises(ConfigError, match="2 views"):
-        M.forward_views(net, xs + xs)
+        methods.get(net.method).forward_train(net, xs + xs)
 
 
 def test_extract_features_is_float64_eval_and_restores_mode():
@@ -315,7 +316,7 @@ def test_extract_features_is_float64_eval_and_restores_mode():
 @pytest.mark.parametrize("size", [(100, 50), (384, 190), (0, 64)])
 def test_irl_rejects_sizes_it_cannot_run(size):
     with pytest.raises(ConfigError, match="multiples of 16|positive"):
-        M.build_model("irl", 3, "resnet18", *size)
+        methods.get("irl").build_model(3, "resnet18", *size)
 
 
 def test_irl_rejects_inputs_of_another_size():
@@ -336,7 +337,7 @@ def test_agw_runs_at_any_size():
 def test_build_model_rejects_bad_configuration(kwargs, pattern):
     args = {"method": "irl", "num_classes": 3, "arch": "resnet18", **SMALL, **kwargs}
     with pytest.raises(ConfigError, match=pattern):
-        M.build_model(**args)
+        methods.get(args.pop("method")).build_model(**args)
 
 
 def test_bad_modal():
@@ -384,7 +385,7 @@ def test_goldens_through_official_checkpoint(official_models, official_files, me
     golden = np.load(os.path.join(GOLDEN_DIR, f"{method}_model_golden.npz"))
     h, w = OFFICIAL_SIZES[method]
     x1, x2, x3, x4 = (randn((2, 3, h, w), s) for s in (1, 2, 3, 4))
-    args = (x1, x2, x3, x4) if method == "irl" else (x1, x3)
+    args = {4: (x1, x2, x3, x4), 2: (x1, x3)}[net.num_inputs]       # visible x1 (x2), infrared x3 (x4)
     net.eval()
     with torch.no_grad():
         for modal in (1, 2):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data_manager
-import model as models
+import methods
 import utils
 from test_train import checkpoint, load_script, read_metrics, run_script, trained, workspace
 
@@ -133,7 +133,7 @@ def official_checkpoint(tmp_path_factory, path):
     the official-only (unused) entries."""
     ours = utils.load_torch_file(checkpoint(tmp_path_factory, "sysu_irl"))
     cfg = ours["config"]
-    net = models.build_model("irl", cfg["num_classes"], cfg["arch"], cfg["img_h"], cfg["img_w"])
+    net = methods.get("irl").build_model(cfg["num_classes"], cfg["arch"], cfg["img_h"], cfg["img_w"])
     state = dict(ours["model"], **{k: torch.zeros(1) for k in net.official_unused_keys()})
     torch.save({"net": state, "epoch": 3, "cmc": np.zeros(20, np.float32), "mAP": np.float64(0.5),
                 "mINP": np.float64(0.25)}, path)

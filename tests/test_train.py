@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+import data_manager
 from tools import make_synthetic
 import utils
 
@@ -190,9 +191,9 @@ def test_invalid_settings_are_config_errors(flags, message):
 
 
 def test_val_holds_out_a_deterministic_spread_of_regdb_and_llcm_identities():
-    held = train_script.held_out_labels({"dataset": "regdb"}, np.repeat(np.arange(206), 10))
+    held = data_manager.held_out_labels("regdb", "unused", np.repeat(np.arange(206), 10))
     assert held.tolist() == list(range(9, 206, 10))                # 20 of 206, every 10th
-    assert train_script.held_out_labels({"dataset": "llcm"}, np.arange(8)).tolist() == [1, 4, 7]
+    assert data_manager.held_out_labels("llcm", "unused", np.arange(8)).tolist() == [1, 4, 7]
 
 
 def test_without_a_gpu_one_line_says_so(tmp_path, capsys):
@@ -245,7 +246,7 @@ def test_agw_with_val_holds_out_val_ids_and_selects_on_them(tmp_path_factory):
     print(f"sysu AGW --val 1 epoch: {seconds:.1f}s")
     assert "validation selection (--val)" in proc.stdout and "Eval epoch 0 on sysu-val" in proc.stdout
     ckpt = utils.load_torch_file(checkpoint(tmp_path_factory, "sysu_agw_val", "best"))
-    assert ckpt["config"]["method"] == "agw" and ckpt["config"]["num_classes"] == 12   # 3 val ids held out
+    assert (ckpt["config"]["method"], ckpt["config"]["num_classes"]) == ("agw", 12)   # 3 val ids held out
     assert ckpt["metrics"]["selection"].startswith("validation selection")
 
 
@@ -309,8 +310,8 @@ def test_nan_loss_stops_with_one_message_and_keeps_the_last_checkpoint(tmp_path_
         finished.append(epoch)
 
     def nan_after_first_epoch(*args):
-        total, id_loss, tri_loss = training_loss(*args)
-        return (total * float("nan") if finished else total), id_loss, tri_loss
+        terms = training_loss(*args)
+        return {name: value * float("nan") for name, value in terms.items()} if finished else terms
 
     monkeypatch.setattr(train_script, "end_of_epoch", record_epoch)
     monkeypatch.setattr(train_script, "training_loss", nan_after_first_epoch)
