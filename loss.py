@@ -1,10 +1,13 @@
-"""Metric-learning losses of the IRL / AGW / DEEN code (REFERENCE 7), vectorised and numerically safe.
+"""Metric-learning losses of the IRL / AGW / DEEN / CAJ code (REFERENCE 7, METHODS 6.3), vectorised and
+numerically safe.
 
 All losses compute in float32 (or float64 if given float64) with autocast disabled, so fp16/bf16 features
 from an autocast region neither overflow nor lose the small distances. Zero distances (identical
 features) give finite values and finite gradients. The cross-entropy part of the objectives is plain
 `torch.nn.CrossEntropyLoss()` (no label smoothing, REFERENCE 7.1).
 """
+from collections import namedtuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,12 +28,15 @@ def _full_precision(x):
 def comp_dist(a, b):
     """Pairwise Euclidean distances D[i, j] = sqrt(max(|a_i|^2 + |b_j|^2 - 2 a_i.b_j, 1e-12)).
 
-    The clamp keeps the square root (and its gradient) finite when a_i == b_j.
+    The clamp keeps the square root (and its gradient) finite when a_i == b_j. The product is accumulated
+    into the norms by one addmm, as the official pdist_torch / addmm_ do: the self-distances are pure
+    rounding noise of a cancelling difference (up to ~5e-3 for 2048-d float32 features instead of the
+    clamp's 1e-6), and this way the noise is the official one (CAJ goldens: dist_mat bitwise).
     """
     with _no_autocast(a):
         a, b = _full_precision(a), _full_precision(b)
-        sq = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :] - 2 * (a @ b.t())
-        return sq.clamp(min=1e-12).sqrt()
+        norms = (a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :]
+        return torch.addmm(norms, a, b.t(), beta=1, alpha=-2).clamp(min=1e-12).sqrt()
 
 
 def _row_norm(diff):
@@ -112,6 +118,96 @@ class TripletLoss_WRT(nn.Module):
             furthest_pos = (dist_ap * _softmax_weights(dist_ap, is_pos)).sum(1)
             closest_neg = (dist_an * _softmax_weights(-dist_an, is_neg)).sum(1)
             return F.softplus(furthest_pos - closest_neg).mean()
+
+
+ADPTerms = namedtuple("ADPTerms", ["loss", "correct", "dist", "weights_ap", "weights_an",
+                                   "furthest_positive", "closest_negative", "diff_pow", "y"])
+ADPTerms.__doc__ = """Everything TripletLoss_ADP.terms computes; `diff_pow` is None for square=0.
+
+`correct` is a 0-d int64 tensor (the official `.item()` would force a device sync every step)."""
+
+
+def _softplus_exact(t):
+    """log(1 + e^t) without overflow and without F.softplus's linear cut-off above 20, so float64 results
+    follow the definition (the official SoftMarginLoss) to rounding, and a large t gives t, not inf."""
+    return torch.logaddexp(torch.zeros_like(t), t)
+
+
+class TripletLoss_ADP(nn.Module):
+    """CAJ's adaptive-weight triplet (METHODS 6.3, official `TripletLoss_ADP`; README uses 1, 1, 1).
+
+    D = comp_dist(x, x); fp_i / cn_i = softmax-weighted positive / negative distances, with weights
+    softmax(alpha*D) over positives and softmax(-alpha*D) over negatives, the max taken over the whole
+    masked row as in WRT (for the negatives that max is 0, so far negatives drive cn to 0: kept, it is
+    what the published numbers were trained with).
+      square=0: loss = mean softplus(gamma * (fp - cn))              (SoftMarginLoss(gamma*(cn - fp), 1))
+      square=1: z = min(gamma * (fp - cn)^2, 88), y = -1 if fp > cn else +1, loss = mean softplus(-y * z)
+    The 88 clamp is the official guard for float32 exp; it also zeroes the gradient of clamped rows, which
+    is kept for comparability. `forward` returns the loss alone, like the other metric losses here;
+    `terms` also returns `correct` (#rows with cn >= fp) and the intermediates.
+    """
+
+    def __init__(self, alpha=1, gamma=1, square=0):
+        super().__init__()
+        if square not in (0, 1):       # the official treats any non-zero value as 1; refuse the ambiguity
+            raise ConfigError(f"TripletLoss_ADP: square must be 0 or 1, got {square!r}")
+        self.alpha, self.gamma, self.square = alpha, gamma, int(square)
+
+    def terms(self, x, labels, normalize_feature=False):
+        with _no_autocast(x):
+            x = _full_precision(x)
+            if normalize_feature:
+                x = x / (x.norm(2, dim=-1, keepdim=True) + 1e-12)
+            dist = comp_dist(x, x)
+            same = _same_label(labels)
+            is_pos, is_neg = same.to(dist.dtype), (~same).to(dist.dtype)
+            dist_ap, dist_an = dist * is_pos, dist * is_neg
+            weights_ap = _softmax_weights(dist_ap * self.alpha, is_pos)
+            weights_an = _softmax_weights(-dist_an * self.alpha, is_neg)
+            furthest_pos = (dist_ap * weights_ap).sum(1)
+            closest_neg = (dist_an * weights_an).sum(1)
+            if self.square == 0:
+                diff_pow = None
+                y = torch.ones_like(furthest_pos)
+                loss = _softplus_exact(self.gamma * (furthest_pos - closest_neg)).mean()
+            else:
+                diff_pow = ((furthest_pos - closest_neg) ** 2 * self.gamma).clamp(max=88)
+                y = torch.where(furthest_pos > closest_neg, -1.0, 1.0).to(furthest_pos.dtype)
+                loss = _softplus_exact(-y * diff_pow).mean()
+            correct = (closest_neg >= furthest_pos).sum()
+            return ADPTerms(loss, correct, dist, weights_ap, weights_an, furthest_pos, closest_neg, diff_pow, y)
+
+    def forward(self, x, labels, normalize_feature=False):
+        return self.terms(x, labels, normalize_feature).loss
+
+
+class KLDivLoss(nn.Module):
+    """CAJ's logit distillation (official `KLDivLoss`, METHODS 6.3), without its hard-coded `.cuda()`.
+
+    loss = T^2 * sum_i sum_c q_ic (log q_ic - log_softmax(pred_i / T)_c) / N with
+    q = softmax(target / T) + eps, detached. eps = 1e-7 is added without renormalising, as officially: it
+    shifts the value by about C * eps * |log p| (measurable at C = 395), so it is kept for comparability.
+    `thirds(logits)` is train_ext.py's call: VIS view-0 rows [0, n) against IR rows [2n, 3n), n = N / 3.
+    """
+
+    def __init__(self, T=3, eps=1e-7):
+        super().__init__()
+        self.T, self.eps = T, eps
+
+    def forward(self, pred, target):
+        with _no_autocast(pred):
+            pred, target = _full_precision(pred), _full_precision(target.detach())
+            log_p = F.log_softmax(pred / self.T, dim=1)
+            q = F.softmax(target / self.T, dim=1) + self.eps
+            return self.T * self.T * (q * (q.log() - log_p)).sum(1).sum() / pred.shape[0]
+
+    def thirds(self, logits):
+        n = logits.shape[0]
+        if n == 0 or n % 3:
+            raise ConfigError(f"KLDivLoss.thirds needs a [VIS view 0 | VIS view 1 | IR] batch of 3n rows, "
+                              f"got {n}")
+        third = n // 3
+        return self(logits[:third], logits[2 * third:])
 
 
 class CenterTripletLoss(nn.Module):
