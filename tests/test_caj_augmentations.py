@@ -163,8 +163,8 @@ def test_adapgray_caj_probability_only_splits_the_fourth_branch(p):
 def reference_caj_views(img_h, img_w):
     """Local reference of the official SYSUData chains (ICCV21_CAJ data_loader.py), built from the
     toolkit's classes: view 0 and view 1 take the visible image, view 2 the infrared one. The pipeline
-    golden test runs both this and method_agw.caj_train_views, so the lead's registry version is held to
-    the same bytes."""
+    golden test runs both this and the registered CAJ method's train_views (what training uses), so a
+    change to either is caught against the official bytes."""
     def base():
         return [T.ToPILImage(), T.Pad(10), T.RandomCrop((img_h, img_w)), T.RandomHorizontalFlip(),
                 T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD), ChannelRandomErasing(p=0.5)]
@@ -173,12 +173,12 @@ def reference_caj_views(img_h, img_w):
             ("ir", T.Compose(base() + [ChannelAdapGrayCAJ(p=0.5)])))
 
 
-def method_agw_caj_views(img_h, img_w):
-    import method_agw                              # written by the method-registry change; must exist
-    return method_agw.caj_train_views(img_h, img_w)
+def registered_caj_views(img_h, img_w):
+    import methods                                 # imported here: the method table builds every method
+    return methods.get("caj").train_views(img_h, img_w)
 
 
-VIEW_BUILDERS = {"local_reference": reference_caj_views, "method_agw": method_agw_caj_views}
+VIEW_BUILDERS = {"local_reference": reference_caj_views, "methods_caj": registered_caj_views}
 
 
 @pytest.mark.parametrize("builder", sorted(VIEW_BUILDERS))
@@ -190,7 +190,7 @@ def test_official_pipeline_golden_bitwise(golden, draw_log, builder):
     assert len(views) == 3
     modalities = [modality for modality, _ in views]
     assert modalities[0] == modalities[1] != modalities[2]
-    if builder == "method_agw":                    # the registry's names for the two modalities
+    if builder == "methods_caj":                   # the registry's names for the two modalities
         assert modalities == [data_loader.RGB, data_loader.RGB, data_loader.IR]
     images = {modalities[0]: z["pipe__input_rgb_uint8_hwc"], modalities[2]: z["pipe__input_ir_uint8_hwc"]}
     rows = cases["pipeline_cases"]["SYSUData.__getitem__"]["rows"]
