@@ -3,6 +3,7 @@ the unchanged AGW network with channel augmentation and the ADP triplet (METHODS
 
 Both use model.AGW: two stems (visible, thermal), a shared trunk with Non_local (C' = 1), GeM and a BN neck.
 """
+import torch
 import torchvision.transforms as T
 
 import data_loader as dl
@@ -25,3 +26,27 @@ class AGWMethod(Method):
         """The root AGW repository's chain (REFERENCE 5.3), the same for both modalities."""
         transform = T.Compose([T.ToPILImage(), *dl.pad_crop_flip(img_h, img_w), *dl.to_normalized_tensor()])
         return transform, transform
+
+
+class CAJMethod(AGWMethod):
+    """CAJ (ICCV21_CAJ train_ext.py with the README's settings): the AGW network unchanged, three views per item
+    (visible, channel-exchanged visible, infrared), CE + ADP triplet (alpha 1, gamma 1, square 1; --kl 0)."""
+
+    name = "caj"
+    title = "CAJ (ICCV 2021)"
+    view_modalities = (RGB, RGB, IR)
+    # train_ext.py: the AGW recipe with 100 epochs and the ADP triplet (METHODS.md 6.4, 7.1).
+    defaults = dict(AGWMethod.defaults, epochs=100, loss_tri="ADP")
+
+    def view_transforms(self, img_h, img_w):
+        """ICCV21_CAJ data_loader.py's transform_color, transform_color1, transform_thermal (METHODS.md 6.2)."""
+        def chain(*tail):
+            return T.Compose([T.ToPILImage(), *dl.pad_crop_flip(img_h, img_w), *dl.to_normalized_tensor(),
+                              dl.ChannelRandomErasing(p=0.5), *tail])
+        return chain(), chain(dl.ChannelExchange(gray=2)), chain(dl.ChannelAdapGrayCAJ(p=0.5))
+
+    def network_inputs(self, views):
+        """Both visible views go through the visible stem as one batch, as train_ext.py's
+        input1 = cat(input10, input11); the output rows are then [view 0 | view 1 | infrared]."""
+        visible, visible_exchanged, infrared = views
+        return torch.cat((visible, visible_exchanged), 0), infrared

@@ -19,6 +19,7 @@ METRIC_LOSSES = {
     "QCT": lambda margin: losses.QuarCenterTripletLoss(margin=0.7),     # margin hard-coded officially (REF 7.2)
     "WRT": lambda margin: losses.TripletLoss_WRT(),                     # no margin
     "OriTriplet": lambda margin: losses.OriTripletLoss(margin=margin),
+    "ADP": lambda margin: losses.TripletLoss_ADP(alpha=1, gamma=1, square=1),   # CAJ README settings, no margin
 }
 
 # Similarities reported per dataset unless --modes says otherwise: the official IRL LLCM test prints the

@@ -38,5 +38,5 @@ def names():
     return tuple(TABLE)
 
 
-for _method in (method_irl.IRLMethod(), method_agw.AGWMethod()):
+for _method in (method_irl.IRLMethod(), method_agw.AGWMethod(), method_agw.CAJMethod()):
     register(_method)
