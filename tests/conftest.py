@@ -10,6 +10,9 @@ if ROOT not in sys.path:
 
 # Goldens and key lists copied from the functional specification (REFERENCE.md section 13).
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
+# The DEEN/CAJ/MMN goldens are read where the specification keeps them (shared/ beside the checkout, as in CI):
+# at 26 MB they do not belong in the repository.
+SPEC_GOLDEN_DIR = os.path.join(os.path.dirname(ROOT), "shared", "spec", "goldens_deen_caj_mmn")
 
 
 @pytest.fixture(scope="module")

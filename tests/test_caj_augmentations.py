@@ -1,5 +1,5 @@
 """CAJ channel augmentations and training chains (METHODS 6.2) against the official-code goldens
-(tests/golden/caj_goldens.*, README 6.2): every seed's output bytes (sha256) and Python `random` draws,
+(shared/spec/goldens_deen_caj_mmn/caj_goldens.*, README 6.2): every seed's output bytes (sha256) and Python `random` draws,
 bitwise."""
 import hashlib
 import json
@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms as T
 
 import data_loader
-from conftest import GOLDEN_DIR
+from conftest import SPEC_GOLDEN_DIR
 from data_loader import (IMAGENET_MEAN, IMAGENET_STD, ChannelAdapGray, ChannelAdapGrayCAJ, ChannelExchange,
                          ChannelRandomErasing)
 
@@ -21,9 +21,9 @@ CAJ_H, CAJ_W = 288, 144
 
 @pytest.fixture(scope="module")
 def golden():
-    with open(os.path.join(GOLDEN_DIR, "caj_goldens.json")) as f:
+    with open(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.json")) as f:
         cases = json.load(f)
-    return np.load(os.path.join(GOLDEN_DIR, "caj_goldens.npz")), cases
+    return np.load(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.npz")), cases
 
 
 def sha256(tensor):

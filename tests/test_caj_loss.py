@@ -1,5 +1,5 @@
 """CAJ losses (METHODS 6.3): TripletLoss_ADP and KLDivLoss against the official-code goldens
-(tests/golden/caj_goldens.*, copied from shared/spec/goldens_deen_caj_mmn, README 6.2), against literal
+(shared/spec/goldens_deen_caj_mmn/caj_goldens.*, README 6.2), against literal
 loop oracles written from the definitions, and for numerical safety."""
 import json
 import math
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import GOLDEN_DIR
+from conftest import SPEC_GOLDEN_DIR
 from loss import KLDivLoss, TripletLoss_ADP
 from utils import ConfigError
 
@@ -25,13 +25,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @pytest.fixture(scope="module")
 def golden():
-    with open(os.path.join(GOLDEN_DIR, "caj_goldens.json")) as f:
+    with open(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.json")) as f:
         cases = json.load(f)
-    return np.load(os.path.join(GOLDEN_DIR, "caj_goldens.npz")), cases
+    return np.load(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.npz")), cases
 
 
 def _cases(section):
-    with open(os.path.join(GOLDEN_DIR, "caj_goldens.json")) as f:
+    with open(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.json")) as f:
         return sorted(json.load(f)[section])
 
 

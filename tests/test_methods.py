@@ -14,13 +14,13 @@ import method_agw
 import methods
 import model as M
 import utils
+from conftest import SPEC_GOLDEN_DIR
 from test_model import official_state, save_official
 from test_train import TINY, load_script, run_script, workspace
 
 train_script = load_script("train")
 test_script = load_script("test")
-CAJ_GOLDENS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "spec",
-                           "goldens_deen_caj_mmn", "caj_goldens.npz")
+CAJ_GOLDENS = os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.npz")
 SIZE = (64, 32)      # a size every method accepts (IRL: multiples of 16)
 
 
