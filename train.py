@@ -90,8 +90,8 @@ def build_parser():
     add("--warmup-epochs", dest="warmup_epochs", type=int, help="LR warmup epochs of the IRL schedule (10)")
     add("--milestones", type=int, nargs="+", help="x0.1 LR steps of the IRL step schedule (25 90 120)")
     add("--backbone-lr-mult", dest="backbone_lr_mult", type=float,
-        help="backbone LR = this x --lr (official 0.1, for ImageNet-initialised backbones; "
-             "training from scratch wants 1.0)")
+        help="backbone LR = this x --lr (official 0.1, for ImageNet-initialised backbones; the quick start keeps "
+             "it from scratch too: with 1.0 at lr 0.1 and no warmup its training collapsed to chance)")
     add("--pretrained", metavar="PATH", help="ImageNet weights file (default: torchvision cache)")
     add("--no-pretrained", dest="pretrained", action="store_const", const=False,
         help="random initialisation (no ImageNet weights)")
