@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import resnet
 from utils import CheckpointError, ConfigError, Progress, load_torch_file
@@ -43,7 +44,11 @@ class Non_local(nn.Module):
     """Non-local block without softmax: y = (theta @ phi / L) @ g (REFERENCE 6.3).
 
     IRL uses inter_channels = C/2; the AGW baseline has inter_channels = 1 (Q-24, kept for its checkpoints).
+    literal_attention = True computes it as the official code does, through the L x L matrix (the baseline
+    that bench/bench_model.py measures us against; the same outputs up to rounding).
     """
+
+    literal_attention = False
 
     def __init__(self, in_channels, inter_channels):
         super().__init__()
@@ -60,9 +65,13 @@ class Non_local(nn.Module):
         g = self.g(x).flatten(2).transpose(1, 2)            # [N, L, C']
         theta = self.theta(x).flatten(2).transpose(1, 2)    # [N, L, C']
         phi = self.phi(x).flatten(2)                        # [N, C', L]
-        # Same product as (theta @ phi / L) @ g, associated so that no L x L matrix is formed; dividing
-        # first keeps the intermediate a mean (no fp16 overflow under autocast).
-        y = theta @ ((phi / (h * w)) @ g)
+        if self.literal_attention:
+            y = ((theta @ phi) / (h * w)) @ g
+        else:
+            # Same product, associated so that a C' x C' matrix replaces the L x L one (256^2 against 1152^2
+            # at layer 2 of 384x192); dividing first keeps the intermediate a mean (no fp16 overflow under
+            # autocast).
+            y = theta @ ((phi / (h * w)) @ g)
         y = y.transpose(1, 2).reshape(n, self.inter_channels, h, w)
         return self.W(y) + x
 
@@ -73,10 +82,14 @@ class ChannelAttention(nn.Module):
         self.fc1 = nn.Conv2d(channels, channels // ratio, 1, bias=False)
         self.fc2 = nn.Conv2d(channels // ratio, channels, 1, bias=False)
 
-    def forward(self, x):
+    def from_pooled(self, mean, maximum):
+        """The attention weights from the average- and max-pooled maps (1x1 convs: any pooled grid works)."""
         def mlp(pooled):
             return self.fc2(F.relu(self.fc1(pooled)))
-        return torch.sigmoid(mlp(F.adaptive_avg_pool2d(x, 1)) + mlp(F.adaptive_max_pool2d(x, 1)))
+        return torch.sigmoid(mlp(mean) + mlp(maximum))
+
+    def forward(self, x):
+        return self.from_pooled(F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1))
 
 
 class SpatialAttention(nn.Module):
@@ -101,15 +114,23 @@ class LPA(nn.Module):
         x = self.ca(x) * x
         return self.sa(x) * x
 
-    def forward(self, x):
-        # The four quadrants are processed as one batch: every op of _cbam is per image (the 3x3 conv's
-        # zero padding sits at the quadrant border, exactly as for a separate quadrant). Even H and W
-        # are guaranteed by the IRL input-size check.
+    def _quadrant_cbam(self, x):
+        """CBAM of each quadrant of x, in x's own layout: no copy of the full map is made (only the pooled
+        maps are rearranged), which saves two full-size tensors per LPA in memory and time."""
         n, c, h, w = x.shape
-        quads = x.reshape(n, c, 2, h // 2, 2, w // 2).permute(2, 4, 0, 1, 3, 5).reshape(4 * n, c, h // 2, w // 2)
-        quads = self._cbam(quads).reshape(2, 2, n, c, h // 2, w // 2)
-        local = quads.permute(2, 3, 0, 4, 1, 5).reshape(n, c, h, w)
-        return local + self._cbam(x)
+        quads = x.view(n, c, 2, h // 2, 2, w // 2)
+        # One call on the [N, C, 2, 2] pooled grid gives the four quadrants' channel weights.
+        ca = self.ca.from_pooled(quads.mean((3, 5)), quads.amax((3, 5)))
+        weighted = quads * ca[:, :, :, None, :, None]
+        pooled = torch.stack([weighted.mean(1), weighted.amax(1)], dim=1)          # [N, 2, 2, h/2, 2, w/2]
+        # The 3x3 conv runs on each quadrant separately (zero padding at the quadrant borders).
+        pooled = pooled.permute(0, 2, 4, 1, 3, 5).reshape(4 * n, 2, h // 2, w // 2)
+        sa = torch.sigmoid(self.sa.conv1(pooled)).reshape(n, 2, 2, h // 2, w // 2).permute(0, 1, 3, 2, 4)
+        return (weighted * sa[:, None]).view(n, c, h, w)
+
+    def forward(self, x):
+        # Even H and W are guaranteed by the IRL input-size check.
+        return self._quadrant_cbam(x) + self._cbam(x)
 
 
 class layerATT(nn.Module):
@@ -117,7 +138,12 @@ class layerATT(nn.Module):
 
     side: None (layerATT3: self-attention only), "ATT_narrow1" (6x6 conv, stride 4, from the stem or
     layer1 resolution) or "ATT_narrow2" (4x4 conv, stride 2, from the layer2 resolution).
+    The attention is fused (scaled_dot_product_attention: the [N, heads, tokens, tokens] weights are never
+    kept for backward) unless literal_attention = True, which writes it out as matrix products and softmax
+    as the official code ran (MultiheadAttention returning its weights; the bench baseline).
     """
+
+    literal_attention = False
 
     def __init__(self, channel, tokens, edim, num_heads, side=None, side_channels=None):
         super().__init__()
@@ -138,11 +164,11 @@ class layerATT(nn.Module):
         n, _, h, w = x.shape
         t = self.ln_1(self.ATT_narrow(x).flatten(2))                 # [N, tokens, H3*W3]
         if self.side is None:
-            t = t + self.attn(t, t, t, need_weights=False)[0]
+            t = t + self.attn(t, t, t, need_weights=self.literal_attention)[0]
         else:
             s = self.ln_1o(getattr(self, self.side)(x_side).flatten(2))
             t = t + 0.1 * s
-            t = t + self.attn(s, s, t, need_weights=False)[0]    # query/key from the side branch
+            t = t + self.attn(s, s, t, need_weights=self.literal_attention)[0]    # query/key from the side branch
         t = t + self.mlp(self.ln_2(t))
         return self.ATT_broad(t.reshape(n, -1, h, w))
 
@@ -228,14 +254,47 @@ def attention_heads(edim):
     return max(d for d in range(1, max(edim // 9, 1) + 1) if edim % d == 0)
 
 
-def run_stage(layer, non_locals, x):
-    """A ResNet stage with its Non_local blocks after the last len(non_locals) bottlenecks."""
+def run_stage(layer, non_locals, x, call):
+    """A ResNet stage with its Non_local blocks after the last len(non_locals) bottlenecks; call(block, x)
+    runs each block (plainly or under activation checkpointing)."""
     first = len(layer) - len(non_locals)
     for i, block in enumerate(layer):
-        x = block(x)
+        x = call(block, x)
         if i >= first:
-            x = non_locals[i - first](x)
+            x = call(non_locals[i - first], x)
     return x
+
+
+class _BatchNormStatsFrozen:
+    """Within: the BatchNorms of `module` normalise with batch statistics (as in training) but leave their
+    running statistics alone. Activation checkpointing recomputes a block's forward in backward, and that
+    second forward must not update the running mean/var a second time."""
+
+    def __init__(self, module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      and m.track_running_stats]
+
+    def __enter__(self):
+        for m in self.norms:
+            m.track_running_stats = False
+
+    def __exit__(self, *exc):
+        for m in self.norms:
+            m.track_running_stats = True
+
+
+def checkpointed(module, *inputs):
+    """module(*inputs) keeping only its inputs for backward and recomputing the rest there (non-reentrant
+    torch.utils.checkpoint); BatchNorm running statistics are updated once, as without checkpointing."""
+    calls = []
+
+    def run(*args):
+        calls.append(None)
+        if len(calls) == 1:
+            return module(*args)
+        with _BatchNormStatsFrozen(module):
+            return module(*args)
+    return checkpoint(run, *inputs, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,6 +320,7 @@ class CrossModalNet(nn.Module):
     method = None          # the training method's name; methods.Method.build_model sets it per instance
     STEMS = ()             # (module name, attribute name) in the official registration order
     num_inputs = 0         # image tensors the forward takes (the same image to each of them at test time)
+    grad_checkpoint = False    # set_grad_checkpointing
 
     def __init__(self, num_classes, arch, img_h, img_w, pretrained, nl_inter):
         super().__init__()
@@ -280,6 +340,27 @@ class CrossModalNet(nn.Module):
         nn.init.zeros_(self.bottleneck.bias)
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing in training: each stem, bottleneck, Non_local (and IRL's LPA, layerATT,
+        NAF) keeps only its input for backward and recomputes its forward there. Same outputs and gradients;
+        much less activation memory for about one more forward pass of time."""
+        self.grad_checkpoint = bool(enabled)
+        return self
+
+    def set_literal_attention(self, enabled=True):
+        """Attention blocks computed as the official code does (Non_local through its L x L matrix, layerATT
+        with written-out attention weights): the baseline of bench/bench_model.py, same outputs."""
+        for m in self.modules():
+            if hasattr(type(m), "literal_attention"):
+                m.literal_attention = bool(enabled)
+        return self
+
+    def _call(self, module, *inputs):
+        """module(*inputs), under activation checkpointing when it is on and gradients are being recorded."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpointed(module, *inputs)
+        return module(*inputs)
 
     @classmethod
     def check_input_size(cls, img_h, img_w):
@@ -351,26 +432,27 @@ class IRL(CrossModalNet):
         if modal == 0:
             self._check_inputs(x_rgb1, x_rgb2, x_ir1, x_ir2)
             # One batch through the trunk: its BatchNorms see all four views together (REFERENCE 6.7).
-            x = torch.cat((self.visible_module(x_rgb1), self.visible_moduleA(x_rgb2),
-                           self.thermal_module(x_ir1), self.thermal_moduleA(x_ir2)), 0)
+            call = self._call
+            x = torch.cat((call(self.visible_module, x_rgb1), call(self.visible_moduleA, x_rgb2),
+                           call(self.thermal_module, x_ir1), call(self.thermal_moduleA, x_ir2)), 0)
         elif modal == 1:
             self._check_inputs(x_rgb1, x_rgb2)
             x = (self.visible_module(x_rgb1) + self.visible_moduleA(x_rgb2)) / 2     # Q-12
         else:
             self._check_inputs(x_ir1, x_ir2)
             x = (self.thermal_module(x_ir1) + self.thermal_moduleA(x_ir2)) / 2
-        base = self.base_resnet.base
-        xlay0 = self.LPA0(x)
-        x = base.layer1(x)
-        xlay1 = self.LPA1(x)
-        x = run_stage(base.layer2, self.NL_2, x)
-        xlay2 = self.LPA2(x)
-        x3 = run_stage(base.layer3, self.NL_3, x)
-        x = self.layerATT0(x3, xlay0) + self.delta * self.NAF1(x3)
-        x = self.layerATT1(x, xlay1) + 0.3 * self.NAF2(x3)
-        x = self.layerATT2(x, xlay2)
-        x = self.layerATT3(x)
-        return self._head(base.layer4(x))
+        base, call = self.base_resnet.base, self._call
+        xlay0 = call(self.LPA0, x)
+        x = run_stage(base.layer1, (), x, call)
+        xlay1 = call(self.LPA1, x)
+        x = run_stage(base.layer2, self.NL_2, x, call)
+        xlay2 = call(self.LPA2, x)
+        x3 = run_stage(base.layer3, self.NL_3, x, call)
+        x = call(self.layerATT0, x3, xlay0) + self.delta * call(self.NAF1, x3)
+        x = call(self.layerATT1, x, xlay1) + 0.3 * call(self.NAF2, x3)
+        x = call(self.layerATT2, x, xlay2)
+        x = call(self.layerATT3, x)
+        return self._head(run_stage(base.layer4, (), x, call))
 
     def official_unused_keys(self):
         unused = super().official_unused_keys()
@@ -398,17 +480,18 @@ class AGW(CrossModalNet):
 
     def forward(self, x_rgb, x_ir, modal=0):
         self._check_modal(modal)
+        call = self._call
         if modal == 0:
-            x = torch.cat((self.visible_module(x_rgb), self.thermal_module(x_ir)), 0)
+            x = torch.cat((call(self.visible_module, x_rgb), call(self.thermal_module, x_ir)), 0)
         elif modal == 1:
             x = self.visible_module(x_rgb)
         else:
             x = self.thermal_module(x_ir)
         base = self.base_resnet.base
-        x = base.layer1(x)
-        x = run_stage(base.layer2, self.NL_2, x)
-        x = run_stage(base.layer3, self.NL_3, x)
-        return self._head(base.layer4(x))
+        x = run_stage(base.layer1, (), x, call)
+        x = run_stage(base.layer2, self.NL_2, x, call)
+        x = run_stage(base.layer3, self.NL_3, x, call)
+        return self._head(run_stage(base.layer4, (), x, call))
 
 
 def unwrap(model):

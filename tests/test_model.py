@@ -118,7 +118,7 @@ def test_train_and_eval_shapes_gradients(method, arch):
 def test_irl_trunk_sees_the_four_views_as_one_batch():
     net = small().train()
     batches = []
-    net.base_resnet.base.layer1.register_forward_hook(lambda mod, inp, out: batches.append(inp[0].shape[0]))
+    net.base_resnet.base.layer1[0].register_forward_hook(lambda mod, inp, out: batches.append(inp[0].shape[0]))
     with torch.no_grad():
         net(*views(net, batch=3))
     assert batches == [12]
