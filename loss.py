@@ -270,3 +270,54 @@ class QuarCenterTripletLoss(nn.Module):
             neg_weight = counts[None, :] * (1 - onehot)
             dist_an = (hinge * neg_weight).sum(1) / neg_weight.sum(1).clamp(min=1)
             return (dist_pc.mean() + dist_an.mean()) / 2
+
+
+def _margin_ranking(closer, further, margin):
+    """nn.MarginRankingLoss(margin)(further, closer, 1): mean of max(0, closer - further + margin)."""
+    return F.relu(closer - further + margin).mean()
+
+
+class CPMLoss(nn.Module):
+    """DEEN's center-guided pair mining (METHODS.md 1.3 item 3), as the official loss.py computes it.
+
+    Input: 4 row blocks [orig VIS, orig IR, DEE VIS, DEE IR], each holding B identities in contiguous groups
+    of P rows (the identity sampler's order). Centres C1..C4 [B, D] are the group means. For identity i:
+    positives ap123 = |C2_i - C3_i|, ap124 = |C1_i - C4_i|; anchors an123 = |C1_i - C3_i| and
+    an124 = |C2_i - C4_i| (no gradient); hardest negatives an33 = min_{j!=i} |C3_i - C3_j| (an44, an11, an22 alike).
+    L123 = R(an123, ap123) + (R(an33, ap123) + R(an11, ap123)) / 2 with R the margin ranking loss, L124
+    alike, loss = (L123 + L124) / 2. The official margin is hard-coded at 0.2 (its `margin` argument is
+    ignored); `margin` here is that 0.2. Needs B >= 2 (a negative per identity).
+    """
+
+    def __init__(self, margin=0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, x, labels):
+        with _no_autocast(x):
+            blocks = _full_precision(x).chunk(4, 0)
+            n = labels.chunk(4, 0)[0].unique().numel()
+            if n < 2:
+                raise ConfigError("CPM needs at least 2 identities per batch (a negative centre per identity)")
+            c1, c2, c3, c4 = (block.reshape(n, -1, block.size(1)).mean(1) for block in blocks)
+            off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)
+
+            def hardest_negative(c):
+                return comp_dist(c, c)[off_diagonal].reshape(n, n - 1).amin(1)
+
+            def rank(further, closer):
+                return _margin_ranking(closer, further, self.margin)
+
+            # The official code mines the same-identity anchors without gradient (`.detach()`).
+            ap123, an123 = comp_dist(c2, c3).diagonal(), comp_dist(c1, c3).diagonal().detach()
+            ap124, an124 = comp_dist(c1, c4).diagonal(), comp_dist(c2, c4).diagonal().detach()
+            loss123 = rank(an123, ap123) + 0.5 * (rank(hardest_negative(c3), ap123) + rank(hardest_negative(c1), ap123))
+            loss124 = rank(an124, ap124) + 0.5 * (rank(hardest_negative(c4), ap124) + rank(hardest_negative(c2), ap124))
+            return (loss123 + loss124) / 2
+
+
+def ort_loss(pool):
+    """DEEN's orthogonality term before its 0.01 weight (METHODS.md 1.2 item 7): sum over rows k of
+    <DEE1_k, DEE2_k> of the tripled pooled batch [orig | DEE1 | DEE2], divided by its row count."""
+    _, branch1, branch2 = pool.chunk(3, 0)
+    return (branch1 * branch2).sum() / pool.size(0)

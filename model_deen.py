@@ -1,0 +1,215 @@
+"""DEEN (Zhang and Wang, CVPR 2023, the LLCM repository): REFERENCE 10.1 sharpened by METHODS.md 1.2.
+
+Two modality stems and a shared ResNet trunk; an MFA block (channel non-local CNL, then position non-local
+PNL) after layer1, layer2 and (SYSU/LLCM) layer3; the DEE module triples the batch (identity, two dilated
+branches) before the last stage; average pooling, BN neck, classifier. RegDB's variant has no MFA3, puts DEE
+after MFA2 and pools layer3.
+
+Parameter names and their order are the official ones, so an official checkpoint loads strictly after its
+known-unused entries are dropped (model.load_checkpoint): like model.AGW, the stems hold only conv1/bn1 and
+the trunk only the stages it runs.
+
+PNL multiplies a [Nh/2, Nl/2] energy matrix without softmax (about 12 MB per image at MFA1 for 384x144). It
+is linear, so `position_attention` computes theta @ (phi @ g) instead and never forms the energy: the same
+result up to float rounding, checked against `position_attention_literal` (the official order).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import loss as losses
+from model import ModalityStem, Trunk, _backbone_parts, l2_normalize
+from utils import ConfigError
+
+DEE_DROPOUT = 0.01
+PNL_REDUCTION = 2
+# Datasets whose official network pools layer3 (DEE after MFA2, no MFA3, layer4 registered but unused).
+LAYER3_DATASETS = ("regdb",)
+
+
+def position_attention_literal(theta, phi, g):
+    """The official PNL product: (theta @ phi / L) @ g with theta [N, Q, C], phi [N, C, L], g [N, L, C]."""
+    energy = torch.matmul(theta, phi)
+    return torch.matmul(energy / energy.size(-1), g)
+
+
+def position_attention(theta, phi, g):
+    """`position_attention_literal` without the [Q, L] energy: no softmax makes the product associative."""
+    return torch.matmul(theta, torch.matmul(phi, g) / phi.size(-1))
+
+
+class CNL(nn.Module):
+    """Channel non-local: the energy is channel by channel ([low, low]), divided by `low` (METHODS.md 1.2)."""
+
+    def __init__(self, high_dim, low_dim, flag=0):
+        super().__init__()
+        self.low_dim = low_dim
+        stride = 2 if flag else 1
+        self.g = nn.Conv2d(low_dim, low_dim, 1)
+        self.theta = nn.Conv2d(high_dim, low_dim, 1)
+        self.phi = nn.Conv2d(low_dim, low_dim, 1, stride=stride)
+        self.W = nn.Sequential(nn.Conv2d(low_dim, high_dim, 1, stride=stride), nn.BatchNorm2d(high_dim))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+
+    def forward(self, x_h, x_l):
+        n = x_h.size(0)
+        g = self.g(x_l).reshape(n, self.low_dim, -1)
+        theta = self.theta(x_h).reshape(n, self.low_dim, -1)
+        phi = self.phi(x_l).reshape(n, self.low_dim, -1).transpose(1, 2)
+        energy = torch.matmul(theta, phi)
+        y = torch.matmul(energy / energy.size(-1), g).reshape(n, self.low_dim, *x_l.shape[2:])
+        return self.W(y) + x_h
+
+
+class PNL(nn.Module):
+    """Position non-local with the official memory reinterpretation: the [N, low/2, h, w] maps are viewed as
+    [N, low, h*w/2] before the attention (which is why h*w must be even)."""
+
+    literal = False      # bench/bench_deen.py switches to the official product to measure both
+
+    def __init__(self, high_dim, low_dim):
+        super().__init__()
+        self.low_dim = low_dim
+        inter = low_dim // PNL_REDUCTION
+        self.g = nn.Conv2d(low_dim, inter, 1)
+        self.theta = nn.Conv2d(high_dim, inter, 1)
+        self.phi = nn.Conv2d(low_dim, inter, 1)
+        self.W = nn.Sequential(nn.Conv2d(inter, high_dim, 1), nn.BatchNorm2d(high_dim))
+        nn.init.zeros_(self.W[1].weight)
+        nn.init.zeros_(self.W[1].bias)
+
+    def forward(self, x_h, x_l):
+        n = x_h.size(0)
+        g = self.g(x_l).reshape(n, self.low_dim, -1).transpose(1, 2)
+        theta = self.theta(x_h).reshape(n, self.low_dim, -1).transpose(1, 2)
+        phi = self.phi(x_l).reshape(n, self.low_dim, -1)
+        attend = position_attention_literal if self.literal else position_attention
+        y = attend(theta, phi, g).transpose(1, 2).reshape(n, self.low_dim // PNL_REDUCTION, *x_h.shape[2:])
+        return self.W(y) + x_h
+
+
+class MFA_block(nn.Module):
+    """PNL(CNL(x_h, x_l), x_l): x_l is the stage input, x_h the stage output (METHODS.md 1.2 item 3)."""
+
+    def __init__(self, high_dim, low_dim, flag):
+        super().__init__()
+        self.CNL = CNL(high_dim, low_dim, flag)
+        self.PNL = PNL(high_dim, low_dim)
+
+    def forward(self, x_h, x_l):
+        return self.PNL(self.CNL(x_h, x_l), x_l)
+
+
+class DEE_module(nn.Module):
+    """Diverse embedding expansion: batch (x, branch1(x), branch2(x)), then Dropout(0.01) over all of it.
+
+    Each branch averages three 3x3 convolutions (dilations 1, 2, 3), ReLU, 1x1 conv. The tripling also
+    happens in eval mode (METHODS.md 1.2 item 5).
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        inner = channels // 4
+        for branch in (1, 2):
+            for dilation in (1, 2, 3):
+                self.add_module(f"FC{branch}{dilation}", nn.Conv2d(channels, inner, 3, padding=dilation,
+                                                                   dilation=dilation, bias=False))
+            self.add_module(f"FC{branch}", nn.Conv2d(inner, channels, 1))
+        for name, conv in self.named_children():
+            nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")   # official weights_init_kaiming
+        self.dropout = nn.Dropout(p=DEE_DROPOUT)
+
+    def _branch(self, x, branch):
+        dilated = sum(getattr(self, f"FC{branch}{d}")(x) for d in (1, 2, 3)) / 3
+        return getattr(self, f"FC{branch}")(F.relu(dilated))
+
+    def forward(self, x):
+        return self.dropout(torch.cat((x, self._branch(x, 1), self._branch(x, 2)), 0))
+
+
+def _stage_size(size):
+    """Output size of a stride-2 convolution or pooling with 'same' padding (the stem's and stages')."""
+    return (size - 1) // 2 + 1
+
+
+class DEEN(nn.Module):
+    """DEEN embed_net; `layer3_variant` (RegDB) pools layer3 as the official code does for RegDB."""
+
+    method = "deen"
+    STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"))
+    num_inputs = 2
+    blocks = 3           # embeddings per image (identity, DEE branch 1, DEE branch 2), in row blocks
+
+    @classmethod
+    def check_input_size(cls, img_h, img_w):
+        """PNL views each [N, C/2, h, w] map as [N, C, h*w/2]: h*w must be even at every MFA resolution."""
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
+            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
+        h, w = _stage_size(_stage_size(img_h)), _stage_size(_stage_size(img_w))
+        for stage in ("stem", "layer2", "layer3"):
+            if stage != "stem":
+                h, w = _stage_size(h), _stage_size(w)
+            if h * w % 2:
+                raise ConfigError(f"DEEN needs an even number of positions at every MFA block; {img_h}x{img_w} "
+                                  f"gives {h}x{w} at {stage} (384x144, 288x144, 256x128 work)")
+
+    def __init__(self, num_classes, arch="resnet50", img_h=384, img_w=144, pretrained=None, layer3_variant=False):
+        super().__init__()
+        self.check_input_size(img_h, img_w)
+        self.num_classes, self.arch, self.img_h, self.img_w = num_classes, arch, img_h, img_w
+        self.layer3_variant = layer3_variant
+        stems, trunk = _backbone_parts(arch, len(self.STEMS), pretrained)
+        self._official_trunk_keys = list(trunk.state_dict())
+        for (name, attr), stem in zip(self.STEMS, stems):
+            self.add_module(name, ModalityStem(attr, stem))
+        c = trunk.stage_channels
+        if layer3_variant:
+            del trunk.layer4
+        self.base_resnet = Trunk(trunk)
+        self.DEE = DEE_module(c[2] if layer3_variant else c[3])
+        self.MFA1 = MFA_block(c[1], c[0], 0)
+        self.MFA2 = MFA_block(c[2], c[1], 1)
+        if not layer3_variant:
+            self.MFA3 = MFA_block(c[3], c[2], 1)
+        self.feat_dim = c[3] if layer3_variant else c[4]
+        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
+        self.bottleneck.bias.requires_grad_(False)
+        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
+        nn.init.zeros_(self.bottleneck.bias)
+        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+
+    def official_unused_keys(self):
+        """The stems' layer1..4, the trunk's conv1/bn1 and, for RegDB, the trunk's layer4 (METHODS.md 1.2)."""
+        stem_keys = list(self.visible_module.visible.state_dict())
+        unused = {f"{name}.{attr}.{k}" for name, attr in self.STEMS for k in self._official_trunk_keys}
+        unused |= {f"base_resnet.base.{k}" for k in stem_keys}
+        if self.layer3_variant:
+            unused |= {f"base_resnet.base.{k}" for k in self._official_trunk_keys if k.startswith("layer4.")}
+        return unused
+
+    def forward(self, x_rgb, x_ir, modal=0):
+        """Training (modal 0): (pool [3M, D], logits [3M, C], ort_raw) with rows [orig VIS, orig IR, DEE1 VIS,
+        DEE1 IR, DEE2 VIS, DEE2 IR]; test (modal 1 visible, 2 thermal): L2-normalised (pool, bn) [3N, D]."""
+        if modal == 0:
+            x = torch.cat((self.visible_module(x_rgb), self.thermal_module(x_ir)), 0)
+        elif modal == 1:
+            x = self.visible_module(x_rgb)
+        elif modal == 2:
+            x = self.thermal_module(x_ir)
+        else:
+            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
+        base = self.base_resnet.base
+        x = self.MFA1(base.layer1(x), x)
+        x = self.MFA2(base.layer2(x), x)
+        if self.layer3_variant:
+            x = base.layer3(self.DEE(x))
+        else:
+            x = self.MFA3(base.layer3(x), x)
+            x = base.layer4(self.DEE(x))
+        pool = x.float().mean((2, 3))
+        feat = self.bottleneck(pool)
+        if self.training:
+            return pool, self.classifier(feat), losses.ort_loss(pool)
+        return l2_normalize(pool), l2_normalize(feat)

@@ -1,0 +1,187 @@
+"""DEEN network (model_deen.py): official key layout, official-format checkpoints, goldens of the official
+code with key-seeded weights (shared/spec/goldens_deen_caj_mmn, README section 6.1), the memory-lean PNL
+product against the literal one."""
+import hashlib
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import loss as losses
+import model as M
+import model_deen as D
+from conftest import GOLDEN_DIR, SPEC_GOLDEN_DIR
+from utils import CheckpointError, ConfigError
+
+IO = os.path.join(SPEC_GOLDEN_DIR, "deen_model_io.npz")
+KEYS = os.path.join(SPEC_GOLDEN_DIR, "deen_keys.json")
+NL_BN_WEIGHT = r"MFA\d\.(CNL|PNL)\.W\.1\.weight"
+
+
+def fill_tensor(key, shape, dtype):
+    """The goldens' fill rule (README section 4), including the MFA BN-weight adjustment."""
+    if dtype != "float32":
+        return torch.zeros(shape, dtype=torch.int64)
+    g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    if key.endswith("running_var"):
+        return 0.5 + torch.rand(shape, generator=g)
+    if key.endswith("running_mean"):
+        return 0.1 * torch.randn(shape, generator=g)
+    if re.fullmatch(NL_BN_WEIGHT, key):
+        return 0.001 * (1 + 0.1 * torch.randn(shape, generator=g))
+    if len(shape) == 1 and key.endswith(".weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) > 1:
+        return torch.randn(shape, generator=g) * (1.0 / math.sqrt(math.prod(shape[1:])))
+    return torch.randn(shape, generator=g) * 0.1
+
+
+def official_file(keys, path):
+    """An official-format checkpoint ({'net', 'epoch', ...}) holding every official key, filled by the rule."""
+    state = {k: fill_tensor(k, tuple(shape), dtype) for k, shape, dtype in keys}
+    torch.save({"net": state, "epoch": np.int64(3), "mAP": np.float64(0.5)}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(IO)
+
+
+@pytest.fixture(scope="module")
+def llcm_net(tmp_path_factory):
+    """The LLCM variant (resnet50, 713 classes, 384x144) loaded from an official-format file."""
+    torch.manual_seed(0)
+    keys = json.load(open(KEYS))["llcm"]["keys"]
+    net = D.DEEN(713, "resnet50", 384, 144)
+    meta = M.load_checkpoint(net, official_file(keys, tmp_path_factory.mktemp("deen") / "llcm_deen_best.t"))
+    assert meta["format"] == "official"
+    return net
+
+
+def official_keys(dataset):
+    with open(os.path.join(GOLDEN_DIR, f"deen_official_state_dict_{dataset}.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("dataset", ["llcm", "regdb"])
+def test_keys_are_the_official_ones_in_official_order(dataset):
+    official = official_keys(dataset)
+    net = D.DEEN(official["classifier.weight"][0], "resnet50", 384, 144, layer3_variant=dataset == "regdb")
+    ours = net.state_dict()
+    unused = net.official_unused_keys()
+    assert unused <= set(official) and not unused & set(ours)
+    assert list(ours) == [k for k in official if k not in unused]
+    assert all(list(ours[k].shape) == list(official[k]) for k in ours)
+    # The RegDB network registers layer4 without using it (METHODS.md 1.2): 60 trunk keys more to skip.
+    assert sum(k.startswith("base_resnet.base.layer4.") for k in unused) == (60 if dataset == "regdb" else 0)
+    assert len(official) == {"llcm": 1048, "regdb": 1022}[dataset]
+
+
+def test_regdb_official_file_loads_strictly_and_wrong_keys_are_named(tmp_path):
+    official = official_keys("regdb")
+    # Broadcast zeros keep the file small; one filled entry shows the values arrive.
+    state = {k: torch.zeros((), dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32).expand(s)
+             for k, s in official.items()}
+    state["DEE.FC1.weight"] = fill_tensor("DEE.FC1.weight", tuple(official["DEE.FC1.weight"]), "float32")
+    torch.save({"net": state, "epoch": np.int64(3)}, tmp_path / "regdb.t")
+    net = D.DEEN(206, "resnet50", 384, 144, layer3_variant=True)
+    M.load_checkpoint(net, str(tmp_path / "regdb.t"))
+    assert torch.equal(net.state_dict()["DEE.FC1.weight"], state["DEE.FC1.weight"])
+    del state["MFA2.PNL.g.bias"]
+    state["MFA3.PNL.g.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="missing 1 keys: MFA2.PNL.g.bias.*unexpected 1 keys: MFA3.PNL.g.bias"):
+        M.load_checkpoint(net, {"net": state})
+
+
+@pytest.mark.slow
+def test_eval_outputs_reproduce_the_official_goldens(llcm_net, golden):
+    llcm_net.eval()
+    x = torch.from_numpy(golden["input_eval_x"])
+    with torch.no_grad():
+        for modal in (1, 2):
+            pool, feat = llcm_net(x, x, modal=modal)
+            assert pool.shape == (6, 2048)      # the DEE tripling stays in eval mode
+            np.testing.assert_allclose(pool.numpy(), golden[f"llcm__eval_modal{modal}_out0_l2norm_pool"], atol=1e-6)
+            np.testing.assert_allclose(feat.numpy(), golden[f"llcm__eval_modal{modal}_out1_l2norm_feat"], atol=1e-6)
+
+
+def train_forward(net, golden):
+    net.train()
+    net.DEE.dropout.eval()
+    try:
+        with torch.no_grad():
+            return net(torch.from_numpy(golden["input_train_x1"]), torch.from_numpy(golden["input_train_x2"]))
+    finally:
+        net.eval()
+
+
+@pytest.mark.slow
+def test_train_outputs_and_losses_reproduce_the_official_goldens(llcm_net, golden):
+    before = {k: v.clone() for k, v in llcm_net.state_dict().items()}
+    pool, logits, ort_raw = train_forward(llcm_net, golden)
+    after = llcm_net.state_dict()
+    np.testing.assert_allclose(after["bottleneck.running_var"].numpy(),
+                               golden["llcm__train_after_bottleneck_running_var"], rtol=1e-5)
+    np.testing.assert_allclose(after["MFA2.PNL.W.1.running_var"].numpy(),
+                               golden["llcm__train_after_MFA2_PNL_W_1_running_var"], rtol=1e-5)
+    llcm_net.load_state_dict(before)
+    np.testing.assert_allclose(pool.numpy(), golden["llcm__train_modal0_out0_pool"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(logits.numpy(), golden["llcm__train_modal0_out1_logits"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(ort_raw.item(), golden["llcm__train_modal0_out2_loss_ort_raw"], rtol=1e-5)
+    l1, l2 = torch.from_numpy(golden["label1"]), torch.from_numpy(golden["label2"])
+    labels = torch.cat((l1, l2, l1, l2, l1, l2))
+    terms = losses_of(pool, logits, ort_raw, labels)
+    for name, value in terms.items():
+        np.testing.assert_allclose(value.item(), golden[f"llcm__train_loss_{name}"], rtol=1e-5)
+    np.testing.assert_allclose(sum(terms.values()).item(), golden["llcm__train_loss_total"], rtol=1e-5)
+
+
+def losses_of(pool, logits, ort_raw, labels):
+    """train.py's loss lines (README section 6.1), written out independently of method_deen."""
+    labs = torch.cat(labels.chunk(3)[:2])
+    ft1, ft2, ft3 = pool.chunk(3, 0)
+    cpm = losses.CPMLoss()
+    return {"id": torch.nn.functional.cross_entropy(logits, labels),
+            "tri": losses.OriTripletLoss(margin=0.3)(pool, labels),
+            "cpm": 0.8 * (cpm(torch.cat((ft1, ft2)), labs) + cpm(torch.cat((ft1, ft3)), labs)),
+            "ort": 0.01 * ort_raw}
+
+
+@pytest.mark.parametrize("high,low,size", [(64, 32, (6, 4)), (32, 16, (5, 4))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pnl_product_equals_the_literal_official_one(high, low, size, dtype):
+    torch.manual_seed(0)
+    block = D.PNL(high, low).to(dtype)
+    torch.nn.init.normal_(block.W[1].weight)
+    x_h, x_l = torch.randn(3, high, *size, dtype=dtype), torch.randn(3, low, *size, dtype=dtype)
+    ours = block(x_h, x_l)
+    block.literal = True
+    literal = block(x_h, x_l)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, literal, rtol=tol, atol=tol)
+
+
+def test_literal_attention_is_the_official_matrix_product():
+    """The literal form itself against a per-element loop of energy / L times g."""
+    torch.manual_seed(1)
+    theta, phi, g = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64), \
+        torch.randn(2, 5, 4, dtype=torch.float64)
+    expected = torch.zeros(2, 3, 4, dtype=torch.float64)
+    for n in range(2):
+        for q in range(3):
+            for c in range(4):
+                expected[n, q, c] = sum(sum(theta[n, q, k] * phi[n, k, l] for k in range(4)) / 5 * g[n, l, c]
+                                        for l in range(5))
+    torch.testing.assert_close(D.position_attention_literal(theta, phi, g), expected)
+    torch.testing.assert_close(D.position_attention(theta, phi, g), expected)
+
+
+@pytest.mark.parametrize("size", [(385, 144), (36, 36)])
+def test_sizes_with_an_odd_position_count_are_refused_in_one_line(size):
+    with pytest.raises(ConfigError, match="even number of positions"):
+        D.DEEN(5, "resnet18", *size)
