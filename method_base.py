@@ -59,10 +59,15 @@ class Method:
 
     # -- data -----------------------------------------------------------------------------------------
 
-    def train_views(self, img_h, img_w):
-        """((modality, transform), ...): what the training dataset returns for each item, in order."""
+    def train_views(self, img_h, img_w, dataset=None):
+        """((modality, transform), ...): what the training dataset returns for each item, in order.
+        `dataset` matters only to methods whose augmentation depends on it (DEEN's erasing area)."""
         self.check_input_size(img_h, img_w)
-        transforms = tuple(self.view_transforms(img_h, img_w))
+        return self.paired_views(self.view_transforms(img_h, img_w))
+
+    def paired_views(self, transforms):
+        """Each transform with the modality of its view; ConfigError unless there is one per view."""
+        transforms = tuple(transforms)
         if len(transforms) != len(self.view_modalities):
             raise ConfigError(f"{self.name}: {len(transforms)} transforms for {len(self.view_modalities)} views")
         return tuple(zip(self.view_modalities, transforms))
@@ -76,18 +81,24 @@ class Method:
     def check_input_size(self, img_h, img_w):
         self.network.check_input_size(img_h, img_w)
 
-    def build_model(self, num_classes, arch="resnet50", img_h=None, img_w=None, pretrained=None):
+    def build_model(self, num_classes, arch="resnet50", img_h=None, img_w=None, pretrained=None, dataset=None):
         """The network with this method's name. pretrained: None/False = random initialisation (a checkpoint
-        will overwrite it), True = torchvision's cached IMAGENET1K_V1, str = a local weights file."""
+        will overwrite it), True = torchvision's cached IMAGENET1K_V1, str = a local weights file.
+        dataset: for methods whose network differs per dataset (`network_options`)."""
         if arch not in resnet.ARCHS:
             raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(resnet.ARCHS)}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
         img_h = self.defaults["img_h"] if img_h is None else img_h
         img_w = self.defaults["img_w"] if img_w is None else img_w
-        net = self.network(num_classes, arch=arch, img_h=img_h, img_w=img_w, pretrained=pretrained)
+        net = self.network(num_classes, arch=arch, img_h=img_h, img_w=img_w, pretrained=pretrained,
+                           **self.network_options(dataset))
         net.method = self.name      # checkpoints record it; the loader checks it
         return net
+
+    def network_options(self, dataset):
+        """Extra keyword arguments of the network for `dataset` (default: the same network everywhere)."""
+        return {}
 
     def network_inputs(self, views):
         """The training forward's inputs from the batch views (default: one view per network input)."""

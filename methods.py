@@ -3,12 +3,13 @@
     import methods
     method = methods.get("irl")               # ConfigError naming the choices for an unknown name
     net = method.build_model(395, "resnet50")
-    methods.names()                           # ('irl', 'agw', 'caj') in table order
+    methods.names()                           # ('irl', 'agw', 'caj', 'deen') in table order
 
 Adding a method: write its room (a Method subclass), add one entry below. `register` adds one at run time
 (a plug-in, or a test's toy method) without editing this file.
 """
 import method_agw
+import method_deen
 import method_irl
 from utils import ConfigError
 
@@ -38,5 +39,5 @@ def names():
     return tuple(TABLE)
 
 
-for _method in (method_irl.IRLMethod(), method_agw.AGWMethod(), method_agw.CAJMethod()):
+for _method in (method_irl.IRLMethod(), method_agw.AGWMethod(), method_agw.CAJMethod(), method_deen.DEENMethod()):
     register(_method)
