@@ -1,4 +1,6 @@
 """Shared test set-up: make the flat top-level modules and tools/ importable."""
+import functools
+import json
 import os
 import sys
 
@@ -24,3 +26,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def caj_goldens():
+    """(npz arrays, case descriptions) of the official CAJ goldens (README 6.2 beside them)."""
+    import numpy as np
+    with open(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.json")) as f:
+        cases = json.load(f)
+    return np.load(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.npz")), cases

@@ -3,7 +3,6 @@
 bitwise."""
 import hashlib
 import json
-import os
 import random
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import torchvision.transforms as T
 
 import data_loader
-from conftest import SPEC_GOLDEN_DIR
+from conftest import caj_goldens
 from data_loader import (IMAGENET_MEAN, IMAGENET_STD, ChannelAdapGray, ChannelAdapGrayCAJ, ChannelExchange,
                          ChannelRandomErasing)
 
@@ -21,9 +20,7 @@ CAJ_H, CAJ_W = 288, 144
 
 @pytest.fixture(scope="module")
 def golden():
-    with open(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.json")) as f:
-        cases = json.load(f)
-    return np.load(os.path.join(SPEC_GOLDEN_DIR, "caj_goldens.npz")), cases
+    return caj_goldens()
 
 
 def sha256(tensor):

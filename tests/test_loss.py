@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN_DIR
-from loss import (CenterTripletLoss, OriTripletLoss, QuarCenterTripletLoss, TripletLoss_WRT,
+from loss import (CenterTripletLoss, OriTripletLoss, QuarCenterTripletLoss, TripletLoss_ADP, TripletLoss_WRT,
                   comp_dist)
 from utils import ConfigError
 
@@ -227,10 +227,11 @@ def test_qct_pull_grows_with_a_modality_shift():
 # ------------------------------------------------------------------------------------ numerical safety
 
 def all_losses():
-    return [OriTripletLoss(0.3), TripletLoss_WRT(), CenterTripletLoss(4, 0.7), QuarCenterTripletLoss(0.7)]
+    return [OriTripletLoss(0.3), TripletLoss_WRT(), CenterTripletLoss(4, 0.7), QuarCenterTripletLoss(0.7),
+            TripletLoss_ADP(1, 1, 0), TripletLoss_ADP(1, 1, 1)]
 
 
-@pytest.mark.parametrize("loss", all_losses(), ids=lambda l: type(l).__name__)
+@pytest.mark.parametrize("loss", all_losses(), ids=lambda l: f"{type(l).__name__}{getattr(l, 'square', '')}")
 @pytest.mark.parametrize("case", ["all_identical", "identical_per_identity", "zeros"])
 def test_zero_distances_give_finite_values_and_gradients(loss, case):
     labels = irl_labels(3, 2, 4, 0)
