@@ -81,12 +81,7 @@ class ChannelExchange(_ChannelAugmentation):
 
     def __call__(self, img):
         k = random.randint(0, self.gray)
-        if k < 3:
-            source = img[k].clone()
-        else:
-            source = _weighted_gray(img)
-        img[0], img[1], img[2] = source, source, source
-        return img
+        return _replicate(img, img[k].clone() if k < 3 else _weighted_gray(img))
 
 
 class ChannelAdapGray(_ChannelAugmentation):
@@ -100,8 +95,7 @@ class ChannelAdapGray(_ChannelAugmentation):
             img[0] = img[1]
             img[2] = img[1]
         elif random.uniform(0, 1) <= self.p:
-            gray = _weighted_gray(img)
-            img[0], img[1], img[2] = gray, gray, gray
+            _replicate(img, _weighted_gray(img))
         return img
 
 
@@ -124,8 +118,7 @@ class ChannelAdapGrayCAJ(_ChannelAugmentation):
                 if c != k:          # channel k itself is never overwritten, so no copy is needed
                     img[c] = img[k]
         elif random.uniform(0, 1) <= self.p:
-            gray = _weighted_gray(img)
-            img[0], img[1], img[2] = gray, gray, gray
+            _replicate(img, _weighted_gray(img))
         return img
 
 
@@ -142,6 +135,12 @@ class ChannelT(_ChannelAugmentation):
         for c, factor in enumerate(factors):
             img[c] = img[c] * factor
         return img
+
+
+def _replicate(img, channel):
+    """Write `channel` (an H x W tensor not sharing memory with img) into all three channels of img, in place."""
+    img[0], img[1], img[2] = channel, channel, channel
+    return img
 
 
 def _weighted_gray(img):
