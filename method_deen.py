@@ -3,8 +3,8 @@
 The network is model_deen.DEEN (RegDB: its layer-3 variant). Training: one transform for both modalities,
 CE and the batch-hard triplet over the tripled batch (6 row blocks), 0.8 x CPM on (original, DEE1) and
 (original, DEE2), 0.01 x ORT. Test: each image has three embeddings (original, DEE1, DEE2) x {pool, BN};
-`image_embeddings` puts them side by side so that the 'sum' similarity is DEEN's S7 (sum of the six cosine
-matrices) and 'weighted' its S8 (0.1 pool + 0.9 BN); `flip_sum` is its flip test-time augmentation.
+model_deen.image_embeddings puts them side by side so that the 'sum' similarity is DEEN's S7 (sum of the six cosine
+matrices) and 'weighted' its S8 (0.1 pool + 0.9 BN); model_deen.DEEN.test_features gives them per batch.
 """
 import torch
 import torch.nn as nn
@@ -62,26 +62,6 @@ class DEENLoss:
         all_labels = labels.repeat(model_deen.DEEN.blocks)
         return {"id": self.cross_entropy(logits.float(), all_labels), "OriTriplet": self.triplet(pool, all_labels),
                 "CPM": CPM_WEIGHT * cpm, "ORT": ORT_WEIGHT * ort_raw}
-
-
-def image_embeddings(features, blocks=model_deen.DEEN.blocks):
-    """[3N, D] block-major rows (all originals, then DEE1, then DEE2) -> [N, 3D], one row per image: the dot
-    product of two such rows is the sum of the three blocks' cosine similarities."""
-    return torch.cat(features.chunk(blocks, 0), 1)
-
-
-def flip_sum(features, flipped_features):
-    """DEEN test.py's flip test-time augmentation: f(x) + f(flip x), not normalised again (METHODS.md 1.4)."""
-    return features + flipped_features
-
-
-def test_features(net, images, modal, flip=False):
-    """(pool, bn) [N, 3D] of a batch of images through the eval-mode DEEN network; flip: DEEN's flip-sum."""
-    pool, bn = net(images, images, modal=modal)
-    if flip:
-        pool_flipped, bn_flipped = net(images.flip(3), images.flip(3), modal=modal)
-        pool, bn = flip_sum(pool, pool_flipped), flip_sum(bn, bn_flipped)
-    return image_embeddings(pool), image_embeddings(bn)
 
 
 class DEENMethod(Method):

@@ -133,6 +133,18 @@ def _stage_size(size):
     return (size - 1) // 2 + 1
 
 
+def image_embeddings(features, blocks=3):
+    """[3N, D] block-major rows (all originals, then DEE1, then DEE2) -> [N, 3D], one row per image: the dot
+    product of two such rows is the sum of the three blocks' cosine similarities, so the 'sum' similarity of
+    (pool, bn) is DEEN's S7 and 'weighted' (0.1 pool + 0.9 bn) its S8 (METHODS.md 1.4)."""
+    return torch.cat(features.chunk(blocks, 0), 1)
+
+
+def flip_sum(features, flipped_features):
+    """DEEN test.py's flip test-time augmentation: f(x) + f(flip x), not normalised again (METHODS.md 1.4)."""
+    return features + flipped_features
+
+
 class DEEN(nn.Module):
     """DEEN embed_net; `layer3_variant` (RegDB) pools layer3 as the official code does for RegDB."""
 
@@ -213,3 +225,11 @@ class DEEN(nn.Module):
         if self.training:
             return pool, self.classifier(feat), losses.ort_loss(pool)
         return l2_normalize(pool), l2_normalize(feat)
+
+    def test_features(self, images, modal, flip=False):
+        """(pool, bn) [N, 3D] of eval-mode images of one modality (`image_embeddings`); flip: DEEN's flip-sum."""
+        pool, bn = self(images, images, modal=modal)
+        if flip:
+            pool_flipped, bn_flipped = self(images.flip(3), images.flip(3), modal=modal)
+            pool, bn = flip_sum(pool, pool_flipped), flip_sum(bn, bn_flipped)
+        return image_embeddings(pool, self.blocks), image_embeddings(bn, self.blocks)

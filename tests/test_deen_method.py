@@ -8,7 +8,7 @@ import torch
 
 import eval_metrics
 import loss as losses
-import method_deen
+import model_deen as D
 import methods
 import model as M
 import utils
@@ -86,8 +86,8 @@ def test_sum_and_weighted_modes_of_image_embeddings_are_s7_and_s8():
     gen = torch.Generator().manual_seed(5)
     q_pool, q_bn, g_pool, g_bn = (M.l2_normalize(torch.randn(3 * n, 8, generator=gen, dtype=torch.float64))
                                   for n in (4, 4, 6, 6))
-    qf = {"pool": method_deen.image_embeddings(q_pool).numpy(), "bn": method_deen.image_embeddings(q_bn).numpy()}
-    gf = {"pool": method_deen.image_embeddings(g_pool).numpy(), "bn": method_deen.image_embeddings(g_bn).numpy()}
+    qf = {"pool": D.image_embeddings(q_pool).numpy(), "bn": D.image_embeddings(q_bn).numpy()}
+    gf = {"pool": D.image_embeddings(g_pool).numpy(), "bn": D.image_embeddings(g_bn).numpy()}
     pool_sims = [q_pool[4 * b:4 * b + 4] @ g_pool[6 * b:6 * b + 6].T for b in range(3)]
     bn_sims = [q_bn[4 * b:4 * b + 4] @ g_bn[6 * b:6 * b + 6].T for b in range(3)]
     s7 = sum(pool_sims) + sum(bn_sims)
@@ -98,6 +98,8 @@ def test_sum_and_weighted_modes_of_image_embeddings_are_s7_and_s8():
 
 class TTAStub(torch.nn.Module):
     """Returns DEEN test.py's stub-net features call by call, checking the images (orig, then flipped)."""
+
+    blocks = 3
 
     def __init__(self, golden):
         super().__init__()
@@ -116,7 +118,7 @@ def test_flip_sum_reproduces_the_deen_test_time_golden():
     golden = np.load(EXTRA)
     images = torch.from_numpy(golden["tta__images"])
     net = TTAStub(golden)
-    pool, bn = (torch.cat(parts) for parts in zip(*(method_deen.test_features(net, batch, 1, flip=True)
+    pool, bn = (torch.cat(parts) for parts in zip(*(D.DEEN.test_features(net, batch, 1, flip=True)
                                                      for batch in (images[:3], images[3:]))))
     assert net.calls == 4
     d = 16
