@@ -28,11 +28,17 @@ GEM_P = 3.0
 # Building blocks
 
 
+def at_least_float32(x):
+    """x in float32 where the official code casts to float32 (fp16/bf16 under autocast); float64 (parity
+    tests) stays float64, which the official cast would break against float64 parameters."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (official CLIP-style; keeps AMP stable)."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        return super().forward(at_least_float32(x)).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -44,11 +50,11 @@ class Non_local(nn.Module):
     """Non-local block without softmax: y = (theta @ phi / L) @ g (REFERENCE 6.3).
 
     IRL uses inter_channels = C/2; the AGW baseline has inter_channels = 1 (Q-24, kept for its checkpoints).
-    literal_attention = True computes it as the official code does, through the L x L matrix (the baseline
+    official_form = True computes it as the official code does, through the L x L matrix (the baseline
     that bench/bench_model.py measures us against; the same outputs up to rounding).
     """
 
-    literal_attention = False
+    official_form = False
 
     def __init__(self, in_channels, inter_channels):
         super().__init__()
@@ -65,7 +71,7 @@ class Non_local(nn.Module):
         g = self.g(x).flatten(2).transpose(1, 2)            # [N, L, C']
         theta = self.theta(x).flatten(2).transpose(1, 2)    # [N, L, C']
         phi = self.phi(x).flatten(2)                        # [N, C', L]
-        if self.literal_attention:
+        if self.official_form:
             y = ((theta @ phi) / (h * w)) @ g
         else:
             # Same product, associated so that a C' x C' matrix replaces the L x L one (256^2 against 1152^2
@@ -103,7 +109,13 @@ class SpatialAttention(nn.Module):
 
 
 class LPA(nn.Module):
-    """Local-patch attention (REFERENCE 6.4): CBAM on each quadrant plus CBAM on the whole map."""
+    """Local-patch attention (REFERENCE 6.4): CBAM on each quadrant plus CBAM on the whole map.
+
+    official_form = True runs the official quadrant loop (chunk, four CBAMs, concatenate; the bench
+    baseline), otherwise the quadrants are processed in place.
+    """
+
+    official_form = False
 
     def __init__(self, channels):
         super().__init__()
@@ -129,6 +141,10 @@ class LPA(nn.Module):
         return (weighted * sa[:, None]).view(n, c, h, w)
 
     def forward(self, x):
+        if self.official_form:
+            top, bottom = x.chunk(2, dim=2)
+            rows = [torch.cat([self._cbam(q) for q in half.chunk(2, dim=3)], dim=3) for half in (top, bottom)]
+            return torch.cat(rows, dim=2) + self._cbam(x)
         # Even H and W are guaranteed by the IRL input-size check.
         return self._quadrant_cbam(x) + self._cbam(x)
 
@@ -139,11 +155,11 @@ class layerATT(nn.Module):
     side: None (layerATT3: self-attention only), "ATT_narrow1" (6x6 conv, stride 4, from the stem or
     layer1 resolution) or "ATT_narrow2" (4x4 conv, stride 2, from the layer2 resolution).
     The attention is fused (scaled_dot_product_attention: the [N, heads, tokens, tokens] weights are never
-    kept for backward) unless literal_attention = True, which writes it out as matrix products and softmax
+    kept for backward) unless official_form = True, which writes it out as matrix products and softmax
     as the official code ran (MultiheadAttention returning its weights; the bench baseline).
     """
 
-    literal_attention = False
+    official_form = False
 
     def __init__(self, channel, tokens, edim, num_heads, side=None, side_channels=None):
         super().__init__()
@@ -164,17 +180,24 @@ class layerATT(nn.Module):
         n, _, h, w = x.shape
         t = self.ln_1(self.ATT_narrow(x).flatten(2))                 # [N, tokens, H3*W3]
         if self.side is None:
-            t = t + self.attn(t, t, t, need_weights=self.literal_attention)[0]
+            t = t + self.attn(t, t, t, need_weights=self.official_form)[0]
         else:
             s = self.ln_1o(getattr(self, self.side)(x_side).flatten(2))
             t = t + 0.1 * s
-            t = t + self.attn(s, s, t, need_weights=self.literal_attention)[0]    # query/key from the side branch
+            t = t + self.attn(s, s, t, need_weights=self.official_form)[0]    # query/key from the side branch
         t = t + self.mlp(self.ln_2(t))
         return self.ATT_broad(t.reshape(n, -1, h, w))
 
 
 class LayerNorm2d(nn.Module):
-    """Channel LayerNorm of NAFNet (biased variance, eps 1e-6); plain autograd equals the official backward."""
+    """Channel LayerNorm of NAFNet (biased variance, eps 1e-6); plain autograd equals the official backward.
+
+    Computed by F.layer_norm over the channels of the channels-last view (one fused kernel that keeps only
+    the input and two per-position statistics for backward) unless official_form = True, which writes the
+    expression out as the official code does.
+    """
+
+    official_form = False
 
     def __init__(self, channels, eps=1e-6):
         super().__init__()
@@ -183,6 +206,9 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if not self.official_form:
+            normalised = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+            return normalised.permute(0, 3, 1, 2)
         mu = x.mean(1, keepdim=True)
         var = (x - mu).pow(2).mean(1, keepdim=True)
         y = (x - mu) / (var + self.eps).sqrt()
@@ -265,22 +291,23 @@ def run_stage(layer, non_locals, x, call):
     return x
 
 
-class _BatchNormStatsFrozen:
-    """Within: the BatchNorms of `module` normalise with batch statistics (as in training) but leave their
-    running statistics alone. Activation checkpointing recomputes a block's forward in backward, and that
-    second forward must not update the running mean/var a second time."""
+class _BatchNormStatsKept:
+    """Within: the BatchNorms of `module` run as usual, and their running statistics are put back on exit.
+    Activation checkpointing recomputes a block's forward in backward; that second forward must not update
+    the running mean/var (and batch count) a second time. (Switching the tracking off instead would change
+    which tensors batch_norm saves, which checkpointing refuses.)"""
 
     def __init__(self, module):
-        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                      and m.track_running_stats]
+        self.buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers()]
 
     def __enter__(self):
-        for m in self.norms:
-            m.track_running_stats = False
+        self.saved = [b.clone() for b in self.buffers]
 
     def __exit__(self, *exc):
-        for m in self.norms:
-            m.track_running_stats = True
+        with torch.no_grad():
+            for b, saved in zip(self.buffers, self.saved):
+                b.copy_(saved)
 
 
 def checkpointed(module, *inputs):
@@ -292,7 +319,7 @@ def checkpointed(module, *inputs):
         calls.append(None)
         if len(calls) == 1:
             return module(*args)
-        with _BatchNormStatsFrozen(module):
+        with _BatchNormStatsKept(module):
             return module(*args)
     return checkpoint(run, *inputs, use_reentrant=False)
 
@@ -348,12 +375,12 @@ class CrossModalNet(nn.Module):
         self.grad_checkpoint = bool(enabled)
         return self
 
-    def set_literal_attention(self, enabled=True):
+    def set_official_form(self, enabled=True):
         """Attention blocks computed as the official code does (Non_local through its L x L matrix, layerATT
         with written-out attention weights): the baseline of bench/bench_model.py, same outputs."""
         for m in self.modules():
-            if hasattr(type(m), "literal_attention"):
-                m.literal_attention = bool(enabled)
+            if hasattr(type(m), "official_form"):
+                m.official_form = bool(enabled)
         return self
 
     def _call(self, module, *inputs):
@@ -369,7 +396,7 @@ class CrossModalNet(nn.Module):
             raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
 
     def _head(self, x):
-        x_pool = gem_pool(x.float())
+        x_pool = gem_pool(at_least_float32(x))
         feat = self.bottleneck(x_pool)
         if self.training:
             return x_pool, self.classifier(feat)
