@@ -236,12 +236,28 @@ class SYSUData(_PairedTrainData):
         self.img_h, self.img_w = img_h, img_w
         self._open_arrays()
 
+    def _cache_files(self):
+        """The four file names to read: the cache of the requested size (pre_process_sysu.py), else the official
+        script's unsized names (their size is checked on opening); without a size, the only sized cache."""
+        sizes = data_manager.sysu_cache_sizes(self.data_dir)
+        official = all(os.path.isfile(os.path.join(self.data_dir, n)) for n in SYSU_NPY_FILES.values())
+        size = (self.img_h, self.img_w)
+        if None in size and len(sizes) == 1 and not official:
+            size = sizes[0]
+        if size in sizes:
+            return data_manager.sysu_npy_files(*size)
+        if official or None in size:
+            return SYSU_NPY_FILES
+        found = f" (found {', '.join(f'{h}x{w}' for h, w in sizes)})" if sizes else ""
+        raise DatasetError(f"no {self.img_h}x{self.img_w} SYSU training cache in {self.data_dir}{found}; make it "
+                           f"with: {_preprocess_command(self.data_dir, self.img_h, self.img_w)}")
+
     def _open_arrays(self):
-        arrays = {key: _open_npy(os.path.join(self.data_dir, name)) for key, name in SYSU_NPY_FILES.items()}
+        names = self._cache_files()
+        arrays = {key: _open_npy(os.path.join(self.data_dir, name)) for key, name in names.items()}
         for modality in ("rgb", "ir"):
             _check_image_array(arrays[f"{modality}_img"], arrays[f"{modality}_label"],
-                               os.path.join(self.data_dir, SYSU_NPY_FILES[f"{modality}_img"]),
-                               self.img_h, self.img_w)
+                               os.path.join(self.data_dir, names[f"{modality}_img"]), self.img_h, self.img_w)
         self.train_color_image = arrays["rgb_img"]
         self.train_thermal_image = arrays["ir_img"]
         self.train_color_label = np.array(arrays["rgb_label"])     # small: copied into memory
@@ -275,7 +291,12 @@ def _check_image_array(images, labels, path, img_h, img_w):
         raise DatasetError(f"{path}: {images.shape[0]} images but labels of shape {labels.shape}")
     if (img_h is not None and images.shape[1] != img_h) or (img_w is not None and images.shape[2] != img_w):
         raise DatasetError(f"{path}: images are {images.shape[1]}x{images.shape[2]} (HxW) but {img_h}x{img_w} "
-                           f"was requested; re-run pre_process_sysu.py with --img-h {img_h} --img-w {img_w}")
+                           f"was requested; make that size with: "
+                           f"{_preprocess_command(os.path.dirname(path), img_h, img_w)}")
+
+
+def _preprocess_command(data_dir, img_h, img_w):
+    return f"python pre_process_sysu.py --data-path {data_dir} --img-h {img_h} --img-w {img_w}"
 
 
 class _ListTrainData(_PairedTrainData):

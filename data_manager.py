@@ -56,13 +56,29 @@ LLCM_NIR_CAMS = ("cam1", "cam2", "cam4", "cam5", "cam6", "cam7", "cam8", "cam9")
 LLCM_MODAL_DIRS = {1: "test_vis", 2: "test_nir"}
 LLCM_MODAL_CAMS = {1: LLCM_VIS_CAMS, 2: LLCM_NIR_CAMS}
 REGDB_MODALS = ("visible", "thermal")
-# Pre-processed SYSU training files (REFERENCE 1.2): written by pre_process_sysu.py, read by data_loader.SYSUData.
+# Pre-processed SYSU training files (REFERENCE 1.2) under the official script's names. pre_process_sysu.py names
+# them by size (sysu_npy_files); data_loader.SYSUData reads either (the official script's output included).
 SYSU_NPY_FILES = {
     "rgb_img": "train_rgb_resized_img.npy",
     "rgb_label": "train_rgb_resized_label.npy",
     "ir_img": "train_ir_resized_img.npy",
     "ir_label": "train_ir_resized_label.npy",
 }
+
+
+def sysu_npy_files(img_h, img_w):
+    """The SYSU training cache of one image size: the official names with `_<H>x<W>` before `.npy`, so that
+    the caches of methods with different input sizes (IRL 384x192, AGW/CAJ 288x144, DEEN 384x144) coexist."""
+    return {key: f"{name[:-len('.npy')]}_{img_h}x{img_w}.npy" for key, name in SYSU_NPY_FILES.items()}
+
+
+def sysu_cache_sizes(data_path):
+    """(H, W) of every complete sized SYSU training cache in `data_path`, sorted."""
+    pattern = re.compile(r"^train_rgb_resized_img_(\d+)x(\d+)\.npy$")
+    found = (pattern.match(name) for name in (os.listdir(data_path) if os.path.isdir(data_path) else ()))
+    sizes = sorted((int(m.group(1)), int(m.group(2))) for m in found if m)
+    return [size for size in sizes
+            if all(os.path.isfile(os.path.join(data_path, n)) for n in sysu_npy_files(*size).values())]
 
 VISIBLE, INFRARED = 1, 2  # modal numbers of the official code (stem selection at test time)
 

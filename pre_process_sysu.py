@@ -1,7 +1,11 @@
-"""Pre-process SYSU-MM01 training images into the four .npy files of REFERENCE 1.2.
+"""Pre-process SYSU-MM01 training images into the four .npy files of REFERENCE 1.2, named by their size.
 
     python pre_process_sysu.py --data-path ./dataset/SYSU-MM01/                    # IRL, 384x192
-    python pre_process_sysu.py --data-path ./dataset/SYSU-MM01/ --img-h 288 --img-w 144   # AGW-sized
+    python pre_process_sysu.py --data-path ./dataset/SYSU-MM01/ --img-h 288 --img-w 144   # AGW/CAJ-sized
+    python pre_process_sysu.py --data-path ./dataset/SYSU-MM01/ --img-h 384 --img-w 144   # DEEN-sized
+
+The files are `train_{rgb,ir}_resized_{img,label}_<H>x<W>.npy`, so that several methods' caches coexist in
+one dataset root (data_loader.SYSUData reads the one of its size, or the official script's unsized names).
 
 The files are byte-identical to the official script's output (list of LANCZOS-resized arrays, then
 np.save(np.array(list))), but each image is decoded once, by parallel worker processes that write it
@@ -24,7 +28,6 @@ from tqdm import tqdm
 import data_manager
 from data_manager import DatasetError
 
-OUTPUT_FILES = data_manager.SYSU_NPY_FILES   # the names data_loader.SYSUData reads
 PARTIAL_SUFFIX = ".partial"
 # Images per pool task. Big enough that task hand-offs cost nothing next to ~2 ms of decoding per image,
 # small enough that the last tasks (when one worker may already be idle) take well under a second.
@@ -100,11 +103,12 @@ def _tasks(path, files, img_h, img_w):
 
 
 def preprocess(data_path, img_h, img_w, workers):
-    """Write the four .npy files into `data_path`; returns {path: shape} in OUTPUT_FILES order."""
+    """Write the four .npy files of this size (data_manager.sysu_npy_files) into `data_path`; returns
+    {path: shape} in that order."""
     # Layout, id files and per-identity IR/RGB presence are all checked here, before any decoding.
     rgb_files, ir_files = data_manager.sysu_training_files(data_path, use_val=True)
     rgb_labels, ir_labels = data_manager.sysu_training_labels(rgb_files, ir_files)
-    final = {key: os.path.join(data_path, name) for key, name in OUTPUT_FILES.items()}
+    final = {key: os.path.join(data_path, name) for key, name in data_manager.sysu_npy_files(img_h, img_w).items()}
     partial = {key: path + PARTIAL_SUFFIX for key, path in final.items()}
     try:
         # One queue for both modalities: workers move on to IR images while the last RGB chunks are

@@ -83,15 +83,15 @@ def run_variant(label, workers, data_path, out_dir, args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def take_outputs(folder):
+def take_outputs(folder, names):
     """sha256 of the four output files, which are then deleted: the next run creates its files afresh
     instead of overwriting these (on ext4 replacing a file with fresh data starts its write-back, a cost
     that would fall on whichever variant runs next), and their pages leave the page cache."""
     digests = {}
-    for name in pre_process_sysu.OUTPUT_FILES.values():
+    for key, name in names.items():
         path = os.path.join(folder, name)
         with open(path, "rb") as f:
-            digests[name] = hashlib.file_digest(f, "sha256").hexdigest()
+            digests[key] = hashlib.file_digest(f, "sha256").hexdigest()
         os.remove(path)
     return digests
 
@@ -141,7 +141,10 @@ def main(argv=None):
             for label in order:
                 out = official_out if label == OFFICIAL else data_path
                 runs[label].append(run_variant(label, variants[label], data_path, out, args))
-                digests[label] = take_outputs(out)
+                # The official script writes the unsized names, ours names its files by size.
+                names = (data_manager.SYSU_NPY_FILES if label == OFFICIAL
+                         else data_manager.sysu_npy_files(args.img_h, args.img_w))
+                digests[label] = take_outputs(out, names)
             for label in identical:
                 identical[label] &= digests[label] == digests[OFFICIAL]
 

@@ -116,12 +116,37 @@ def test_sysu_missing_npy_points_to_preprocessing(tmp_path):
 
 
 def test_sysu_label_count_mismatch_is_a_clear_error(sysu_npy, tmp_path):
-    for name in data_loader.SYSU_NPY_FILES.values():
+    names = data_manager.sysu_npy_files(H, W)
+    for name in names.values():
         os.symlink(os.path.join(sysu_npy, name), tmp_path / name)
-    os.remove(tmp_path / "train_ir_resized_label.npy")
-    np.save(tmp_path / "train_ir_resized_label.npy", np.zeros(3, dtype=np.int64))
-    with pytest.raises(DatasetError, match="train_ir_resized_img.npy"):
+    os.remove(tmp_path / names["ir_label"])
+    np.save(tmp_path / names["ir_label"], np.zeros(3, dtype=np.int64))
+    with pytest.raises(DatasetError, match=names["ir_img"]):
         SYSUData(str(tmp_path), methods.get("irl").train_views(H, W))
+
+
+def test_sysu_reads_the_cache_of_its_size_beside_others_and_the_official_names(sysu_npy, tmp_path):
+    names = data_manager.sysu_npy_files(H, W)
+    for key, name in names.items():          # the official script's unsized names hold the H x W images
+        os.symlink(os.path.join(sysu_npy, name), tmp_path / data_manager.SYSU_NPY_FILES[key])
+    views = methods.get("irl").train_views(H, W)
+    assert SYSUData(str(tmp_path), views, img_h=H, img_w=W).train_color_image.shape[1:3] == (H, W)
+    with pytest.raises(DatasetError, match=f"images are {H}x{W}.*make that size with: python pre_process_sysu.py "
+                                           f"--data-path {tmp_path} --img-h 384 --img-w 144$"):
+        SYSUData(str(tmp_path), views, img_h=384, img_w=144)
+    for name in data_manager.SYSU_NPY_FILES.values():
+        os.remove(tmp_path / name)
+    small = {key: name.replace(f"_{H}x{W}", "_16x8") for key, name in names.items()}
+    for key in names:                        # a second, smaller cache beside the H x W one
+        array = np.load(os.path.join(sysu_npy, names[key]))
+        np.save(tmp_path / small[key], array[:, :16, :8] if key.endswith("img") else array)
+        os.symlink(os.path.join(sysu_npy, names[key]), tmp_path / names[key])
+    assert SYSUData(str(tmp_path), views, img_h=16, img_w=8).train_color_image.shape[1:3] == (16, 8)
+    assert SYSUData(str(tmp_path), views, img_h=H, img_w=W).train_color_image.shape[1:3] == (H, W)
+    with pytest.raises(DatasetError, match=f"no 384x144 SYSU training cache in {tmp_path} \\(found 16x8, {H}x{W}\\); "
+                                           f"make it with: python pre_process_sysu.py --data-path {tmp_path} "
+                                           f"--img-h 384 --img-w 144$"):
+        SYSUData(str(tmp_path), views, img_h=384, img_w=144)
 
 
 def test_sysu_pickles_without_copying_the_images(sysu_npy):

@@ -18,7 +18,7 @@ from tools.make_synthetic import make_sysu
 
 H, W = 128, 64
 ARGS = ["--img-h", str(H), "--img-w", str(W)]
-OUTPUTS = sorted(pre_process_sysu.OUTPUT_FILES.values())
+OUTPUTS = data_manager.sysu_npy_files(H, W)   # the cache of size H x W
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +101,19 @@ def official_pre_process(data_path, out_prefix, fix_image_height, fix_image_widt
 
 
 def official_npy_bytes(data_path, img_h, img_w):
-    """{file name: bytes} of the official script's output."""
+    """{file key: bytes} of the official script's output (its unsized names)."""
     with tempfile.TemporaryDirectory() as out:
         official_pre_process(data_path, out + os.sep, img_h, img_w)
-        return produced_bytes(out)
+        return read_bytes(out, data_manager.SYSU_NPY_FILES)
 
 
-def produced_bytes(data_path):
-    return {name: open(os.path.join(data_path, name), "rb").read() for name in OUTPUTS}
+def produced_bytes(data_path, img_h=H, img_w=W):
+    """{file key: bytes} of our output of size img_h x img_w."""
+    return read_bytes(data_path, data_manager.sysu_npy_files(img_h, img_w))
+
+
+def read_bytes(data_path, names):
+    return {key: open(os.path.join(data_path, name), "rb").read() for key, name in names.items()}
 
 
 def tree_listing(root):
@@ -134,15 +139,15 @@ def test_in_process_run_is_byte_identical_to_official_loop(sysu, capsys):
     assert pre_process_sysu.main(["--data-path", sysu, "--workers", "0", *ARGS]) == 0
     assert produced_bytes(sysu) == official_npy_bytes(sysu, H, W)
     out = capsys.readouterr().out
-    assert "RGB" in out and os.path.join(sysu, "train_rgb_resized_img.npy") in out
+    assert "RGB" in out and os.path.join(sysu, OUTPUTS["rgb_img"]) in out
 
 
 def test_cli_with_worker_processes_is_byte_identical_and_leaves_only_the_four_files(sysu):
     before = tree_listing(sysu)
     result = run_cli(["--data-path", sysu, "--workers", "2", "--img-h", "96", "--img-w", "48"])
     assert result.returncode == 0, result.stderr
-    assert tree_listing(sysu) == sorted(before + OUTPUTS)
-    assert produced_bytes(sysu) == official_npy_bytes(sysu, 96, 48)
+    assert tree_listing(sysu) == sorted(before + list(data_manager.sysu_npy_files(96, 48).values()))
+    assert produced_bytes(sysu, 96, 48) == official_npy_bytes(sysu, 96, 48)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -156,18 +161,19 @@ def test_small_ragged_chunks_written_out_of_order_give_identical_bytes(sysu, mon
 
 def test_labels_are_ranks_of_sorted_ir_pids(sysu):
     assert pre_process_sysu.main(["--data-path", sysu, "--workers", "0", *ARGS]) == 0
-    rgb = np.load(os.path.join(sysu, "train_rgb_resized_label.npy"))
-    ir = np.load(os.path.join(sysu, "train_ir_resized_label.npy"))
+    rgb = np.load(os.path.join(sysu, OUTPUTS["rgb_label"]))
+    ir = np.load(os.path.join(sysu, OUTPUTS["ir_label"]))
     assert rgb.dtype == ir.dtype == np.int64
     assert set(ir.tolist()) == set(range(ir.max() + 1)) == set(rgb.tolist())
     assert np.all(np.diff(ir) >= 0) and np.all(np.diff(rgb) >= 0)    # ids are visited in ascending order
 
 
-def test_output_names_match_the_training_loader():
-    # Imported here, not at the top: data_loader imports torch, whose start-up time and memory would
-    # otherwise land on the official baseline that bench/bench_preprocess.py imports from this module.
-    import data_loader
-    assert pre_process_sysu.OUTPUT_FILES == data_loader.SYSU_NPY_FILES
+def test_output_names_are_the_official_ones_named_by_size(sysu):
+    assert OUTPUTS == {"rgb_img": "train_rgb_resized_img_128x64.npy", "rgb_label": "train_rgb_resized_label_128x64.npy",
+                       "ir_img": "train_ir_resized_img_128x64.npy", "ir_label": "train_ir_resized_label_128x64.npy"}
+    assert pre_process_sysu.main(["--data-path", sysu, "--workers", "0", *ARGS]) == 0
+    assert pre_process_sysu.main(["--data-path", sysu, "--workers", "0", "--img-h", "64", "--img-w", "32"]) == 0
+    assert data_manager.sysu_cache_sizes(sysu) == [(64, 32), (128, 64)]     # two methods' caches side by side
 
 
 # --- errors: one line, exit 2, nothing written ------------------------------------------------------------
@@ -250,7 +256,7 @@ def test_write_failure_gives_one_error_line_and_no_files(sysu, monkeypatch, caps
 
     monkeypatch.setattr(pre_process_sysu, "_save_npy", disk_full)
     assert pre_process_sysu.main(["--data-path", sysu, "--workers", "0", *ARGS]) == 2
-    assert_one_error_line(capsys.readouterr().err, "No space left on device", "train_rgb_resized_label.npy")
+    assert_one_error_line(capsys.readouterr().err, "No space left on device", OUTPUTS["rgb_label"])
     assert tree_listing(sysu) == before
 
 
@@ -319,7 +325,7 @@ def test_signal_during_parallel_write_leaves_no_valid_looking_file(sysu, tmp_pat
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(root=ROOT, marker=marker),
                              "--data-path", sysu, "--workers", "2", *ARGS],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = os.path.join(sysu, "train_rgb_resized_img.npy" + pre_process_sysu.PARTIAL_SUFFIX)
+    partial = os.path.join(sysu, OUTPUTS["rgb_img"] + pre_process_sysu.PARTIAL_SUFFIX)
     deadline = time.time() + 60
     while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
