@@ -66,7 +66,7 @@ class PNL(nn.Module):
     """Position non-local with the official memory reinterpretation: the [N, low/2, h, w] maps are viewed as
     [N, low, h*w/2] before the attention (which is why h*w must be even)."""
 
-    literal = False      # bench/bench_deen.py switches to the official product to measure both
+    official_form = False      # True: the official product through the energy matrix (the bench baseline)
 
     def __init__(self, high_dim, low_dim):
         super().__init__()
@@ -84,7 +84,7 @@ class PNL(nn.Module):
         g = self.g(x_l).reshape(n, self.low_dim, -1).transpose(1, 2)
         theta = self.theta(x_h).reshape(n, self.low_dim, -1).transpose(1, 2)
         phi = self.phi(x_l).reshape(n, self.low_dim, -1)
-        attend = position_attention_literal if self.literal else position_attention
+        attend = position_attention_literal if self.official_form else position_attention
         y = attend(theta, phi, g).transpose(1, 2).reshape(n, self.low_dim // PNL_REDUCTION, *x_h.shape[2:])
         return self.W(y) + x_h
 
@@ -220,11 +220,18 @@ class DEEN(nn.Module):
         else:
             x = self.MFA3(base.layer3(x), x)
             x = base.layer4(self.DEE(x))
-        pool = x.float().mean((2, 3))
+        pool = x.to(torch.promote_types(x.dtype, torch.float32)).mean((2, 3))    # float32 under autocast
         feat = self.bottleneck(pool)
         if self.training:
             return pool, self.classifier(feat), losses.ort_loss(pool)
         return l2_normalize(pool), l2_normalize(feat)
+
+    def set_official_form(self, enabled=True):
+        """Compute every PNL through its energy matrix as the official code does (True) or without it."""
+        for module in self.modules():
+            if isinstance(module, PNL):
+                module.official_form = bool(enabled)
+        return self
 
     def test_features(self, images, modal, flip=False):
         """(pool, bn) [N, 3D] of eval-mode images of one modality (`image_embeddings`); flip: DEEN's flip-sum."""

@@ -160,7 +160,7 @@ def test_pnl_product_equals_the_literal_official_one(high, low, size, dtype):
     torch.nn.init.normal_(block.W[1].weight)
     x_h, x_l = torch.randn(3, high, *size, dtype=dtype), torch.randn(3, low, *size, dtype=dtype)
     ours = block(x_h, x_l)
-    block.literal = True
+    block.official_form = True
     literal = block(x_h, x_l)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(ours, literal, rtol=tol, atol=tol)
@@ -185,3 +185,28 @@ def test_literal_attention_is_the_official_matrix_product():
 def test_sizes_with_an_odd_position_count_are_refused_in_one_line(size):
     with pytest.raises(ConfigError, match="even number of positions"):
         D.DEEN(5, "resnet18", *size)
+
+
+def test_whole_network_official_form_matches_ours_forward_and_backward():
+    """Train step of a small DEEN in float64 with every MFA block switched on: outputs and gradients agree."""
+    torch.manual_seed(0)
+    net = D.DEEN(5, "resnet18", 32, 16).double().train()
+    net.DEE.dropout.p = 0.0
+    for name, p in net.named_parameters():
+        if re.fullmatch(NL_BN_WEIGHT, name):
+            torch.nn.init.normal_(p, 0.0, 0.5)
+    x1, x2 = torch.randn(2, 3, 32, 16, dtype=torch.float64), torch.randn(2, 3, 32, 16, dtype=torch.float64)
+    results = []
+    for official in (True, False):
+        net.set_official_form(official)
+        net.zero_grad()
+        pool, logits, ort = net(x1, x2)
+        (logits.square().mean() + pool.mean() + ort).backward()
+        results.append((pool.detach(), logits.detach(), {k: p.grad.clone() for k, p in net.named_parameters()
+                                                          if p.grad is not None}))
+    (pool_o, logits_o, grads_o), (pool, logits, grads) = results
+    torch.testing.assert_close(pool, pool_o, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits, logits_o, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == grads_o.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_o[k], rtol=1e-8, atol=1e-10, msg=k)
