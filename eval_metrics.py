@@ -492,6 +492,52 @@ def similarity(qf, gf, mode):
 
 _METRICS = {"sysu": eval_sysu, "regdb": eval_regdb, "llcm": eval_llcm}
 
+# The named features each similarity mode weighs, and their weights: similarity(mode) is the weighted sum
+# of the features' cosine similarities.
+MODE_WEIGHTS = {"pool": {"pool": 1.0}, "bn": {"bn": 1.0}, "sum": {"pool": 1.0, "bn": 1.0},
+                "weighted": {"pool": 0.1, "bn": 0.9}}
+
+
+def mode_embedding(feats, mode):
+    """Unit vectors whose cosine similarity is similarity(mode) / (sum of its weights), so they rank exactly
+    like the mode: the mode's L2-normalised features concatenated, each scaled by sqrt(weight / total).
+    Re-ranking needs one feature per item; this is that feature for the fused modes."""
+    if mode not in MODE_WEIGHTS:
+        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {tuple(MODE_WEIGHTS)}")
+    weights = MODE_WEIGHTS[mode]
+    total = sum(weights.values())
+    return np.concatenate([np.sqrt(weight / total) * np.asarray(feats[key]) for key, weight in weights.items()],
+                          axis=1)
+
+
+def evaluate_by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank=20):
+    """Rank-k / mAP / mINP per camera of one distance matrix under `metric` ("sysu", "regdb", "llcm").
+
+    Per ranked (gallery) camera c: the columns are restricted to the gallery items of camera c, and every
+    query is ranked among them alone, with the metric's own removal rules (SYSU: cam-3 queries still ignore
+    cam 2, so the cam-2 gallery is judged on cam-6 queries only); queries without a kept true match there
+    are left out, as in the metric. Per probe (query) camera c: the rows of camera c against the whole
+    gallery. Returns {"gallery": {cam: (cmc, mAP, mINP) or None}, "query": {cam: ... or None}}, with
+    None for a camera with no valid query (its numbers are undefined, not 0).
+    """
+    distmat = np.asarray(distmat)
+    q_pids, g_pids, q_cams, g_cams = (np.asarray(a) for a in (q_pids, g_pids, q_cams, g_cams))
+
+    def evaluate(rows, columns):
+        labels = _metric_labels(metric, (q_pids[rows], q_cams[rows]), (g_pids[columns], g_cams[columns]))
+        try:
+            return _METRICS[metric](distmat[np.ix_(rows, columns)], *labels, max_rank=max_rank)
+        except ValueError as exc:
+            if "no valid query" in str(exc):
+                return None
+            raise
+
+    if metric not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_METRICS)}")
+    all_rows, all_columns = np.arange(len(q_pids)), np.arange(len(g_pids))
+    return {"gallery": {int(cam): evaluate(all_rows, np.flatnonzero(g_cams == cam)) for cam in np.unique(g_cams)},
+            "query": {int(cam): evaluate(np.flatnonzero(q_cams == cam), all_columns) for cam in np.unique(q_cams)}}
+
 
 def non_finite_warnings(query_feats, gallery_feats):
     """One warning line per side whose feature rows are not all finite: eval-mode activations of a barely
@@ -505,7 +551,13 @@ def non_finite_warnings(query_feats, gallery_feats):
     return warnings
 
 
-def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")):
+def negative_similarity(row_feats, column_feats, mode):
+    """The protocols' default distance: minus the cosine similarity of `mode`."""
+    return -similarity(row_feats, column_feats, mode)
+
+
+def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool"), *, distance=negative_similarity,
+                      by_camera=False):
     """Evaluate every gallery trial of a test protocol for each similarity mode.
 
     protocol: duck-typed data_manager.TestProtocol (metric, query_pids, query_cams, gallery_pids,
@@ -513,9 +565,13 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
     images; each trial selects its rows. transpose=True (RegDB tvsearch, DEEN LLCM) ranks the
     query set for every trial-gallery row: distance = -(G_trial . Q^T) with the gallery
     labels/cameras passed as query labels/cameras.
+    distance(row_feats, column_feats, mode) -> [rows, columns] distances (smaller = closer), e.g. a
+    re-ranked one; by default minus the similarity.
     Returns JSON-friendly {"per_trial": {mode: [{"trial", "cmc", "mAP", "mINP"}, ...]},
     "mean": {mode: {...}}, "std": {mode: {...}}}; std is the population std over trials (0 for
-    a single trial).
+    a single trial). by_camera=True adds "by_camera": {mode: [{"trial", "gallery": {cam: {"cmc", "mAP",
+    "mINP"} or None}, "query": {...}}, ...]} (evaluate_by_camera of each trial; "gallery" and "query" are
+    the protocol's sides, also when transposed).
     """
     name = getattr(protocol, "name", "?")
     metric = _METRICS.get(protocol.metric)
@@ -531,6 +587,7 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
     gallery_pids, gallery_cams = np.asarray(protocol.gallery_pids), np.asarray(protocol.gallery_cams)
     gallery_feats = {key: np.asarray(value) for key, value in gallery_feats.items()}
     per_trial = {mode: [] for mode in modes}
+    cameras = {mode: [] for mode in modes}
     for trial, indices in zip(trials, trial_indices):
         indices = np.asarray(indices)
         gallery_trial = {key: value[indices] for key, value in gallery_feats.items()}
@@ -540,12 +597,25 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
             rows, columns = columns, rows
         labels = _metric_labels(protocol.metric, rows[1], columns[1])     # the same for every mode
         for mode in modes:
-            cmc, mAP, mINP = metric(-similarity(rows[0], columns[0], mode), *labels)
-            per_trial[mode].append({"trial": int(trial), "cmc": [float(v) for v in cmc],
-                                    "mAP": float(mAP), "mINP": float(mINP)})
+            distmat = distance(rows[0], columns[0], mode)
+            per_trial[mode].append({"trial": int(trial), **_result(metric(distmat, *labels))})
+            if by_camera:
+                sides = evaluate_by_camera(distmat, rows[1][0], columns[1][0], rows[1][1], columns[1][1],
+                                           protocol.metric)
+                ranked, probe = ("query", "gallery") if transpose else ("gallery", "query")
+                cameras[mode].append({"trial": int(trial),
+                                      **{side: {cam: None if r is None else _result(r)
+                                                for cam, r in sides[role].items()}
+                                         for side, role in ((ranked, "gallery"), (probe, "query"))}})
     mean = {mode: _summarise(results, np.mean) for mode, results in per_trial.items()}
     std = {mode: _summarise(results, np.std) for mode, results in per_trial.items()}
-    return {"per_trial": per_trial, "mean": mean, "std": std}
+    return {"per_trial": per_trial, "mean": mean, "std": std, **({"by_camera": cameras} if by_camera else {})}
+
+
+def _result(metric_output):
+    """(cmc, mAP, mINP) of a metric as JSON-friendly floats."""
+    cmc, mAP, mINP = metric_output
+    return {"cmc": [float(v) for v in cmc], "mAP": float(mAP), "mINP": float(mINP)}
 
 
 def _metric_labels(metric, query, gallery):

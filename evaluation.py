@@ -4,13 +4,17 @@ metrics over its trials, the summary over trials, the results table and the feat
 Features are extracted once per protocol (the query set, and every gallery image some trial uses); each
 gallery trial then only re-ranks (eval_metrics.evaluate_protocol).
 """
+import json
 import os
+import re
+from types import SimpleNamespace
 
 import numpy as np
 
 import data_loader
 import eval_metrics
 import model as models
+import rerank
 import utils
 
 MODE_LABELS = {"bn": "bn (FC)", "pool": "pool", "sum": "sum (pool+bn)", "weighted": "weighted (0.1/0.9)"}
@@ -25,10 +29,11 @@ def extract(net, paths, pids, modal, img_h, img_w, batch_size, workers, device, 
 
 
 def evaluate(net, protocol, img_h, img_w, batch_size, workers, device, modes, *, flip=False, progress=True,
-             warn=None):
+             warn=None, distance=eval_metrics.negative_similarity, by_camera=False):
     """(result of eval_metrics.evaluate_protocol, query features, gallery features) of `protocol`, whose
     gallery should hold only the images its trials use (TestProtocol.used_gallery_only). `warn(line)`
-    receives one line per side whose features are not finite."""
+    receives one line per side whose features are not finite. distance, by_camera: see
+    eval_metrics.evaluate_protocol (reranked_distance re-ranks)."""
     sides = {}
     for side, paths, pids, modal in (("query", protocol.query_paths, protocol.query_pids, protocol.query_modal),
                                      ("gallery", protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal)):
@@ -37,8 +42,22 @@ def evaluate(net, protocol, img_h, img_w, batch_size, workers, device, modes, *,
     for message in eval_metrics.non_finite_warnings(sides["query"], sides["gallery"]):
         if warn is not None:
             warn(message)
-    result = eval_metrics.evaluate_protocol(sides["query"], sides["gallery"], protocol, modes=modes)
+    result = eval_metrics.evaluate_protocol(sides["query"], sides["gallery"], protocol, modes=modes,
+                                            distance=distance, by_camera=by_camera)
     return result, sides["query"], sides["gallery"]
+
+
+def reranked_distance(k1, k2, lambda_value):
+    """A distance for eval_metrics.evaluate_protocol: k-reciprocal re-ranking (rerank.re_ranking) of each
+    trial's rows and columns together, as the standard implementation re-ranks query + gallery jointly,
+    from the unit vectors that rank like the similarity mode (eval_metrics.mode_embedding). The embeddings
+    go in as float32: re_ranking squares the distances into float32 anyway, and its three input matrices are
+    then half the size (at the LLCM size 7,000 + 3,500 items: 340 MB instead of 690 MB)."""
+    def distance(row_feats, column_feats, mode):
+        rows, columns = (eval_metrics.mode_embedding(feats, mode).astype(np.float32)
+                         for feats in (row_feats, column_feats))
+        return rerank.re_ranking(*rerank.feature_distances(rows, columns), k1, k2, lambda_value)
+    return distance
 
 
 def padded_cmc(cmc, length=max(RANKS)):
@@ -70,13 +89,38 @@ def results_table(mean, std, modes, title, labels=MODE_LABELS):
     return utils.format_table(rows, ["feature"] + [f"Rank-{r}" for r in RANKS] + ["mAP", "mINP"], title=title)
 
 
-def save_features(path, protocol, query, gallery):
-    """The protocol's features, labels, cameras, paths and trial galleries as one .npz (tools/visualize.py)."""
-    arrays = {"protocol": np.array(protocol.name),
-              "query_pool": query["pool"].astype(np.float32), "query_bn": query["bn"].astype(np.float32),
+def rerank_parameters(values):
+    """(preset name or None, {k1, k2, lambda_value}) of a list of words: [] = the field preset, [name] = a
+    preset of rerank.RERANK_PRESETS, [k1, k2, lambda]; ValueError with a one-line reason otherwise."""
+    if len(values) <= 1:
+        name = values[0] if values else "field"
+        if name not in rerank.RERANK_PRESETS:
+            raise ValueError(f"expected a preset ({', '.join(rerank.RERANK_PRESETS)}) or three values k1 k2 lambda")
+        return name, dict(rerank.RERANK_PRESETS[name])
+    if len(values) != 3:
+        raise ValueError("expected a preset or three values k1 k2 lambda")
+    try:
+        k1, k2, lambda_value = int(values[0]), int(values[1]), float(values[2])
+    except ValueError:
+        raise ValueError("k1 and k2 must be integers, lambda a number") from None
+    if k1 < 1 or k2 < 1 or not 0 <= lambda_value <= 1:
+        raise ValueError("k1, k2 must be >= 1 and lambda in [0, 1]")
+    parameters = {"k1": k1, "k2": k2, "lambda_value": lambda_value}
+    return next((name for name, preset in rerank.RERANK_PRESETS.items() if preset == parameters), None), parameters
+
+
+def save_features(path, protocol, query, gallery, options=None):
+    """The protocol's features, labels, cameras, paths and trial galleries as one .npz (tools/visualize.py,
+    test.py --features). Features stay float64, as evaluated, so that re-evaluating them reproduces the
+    numbers exactly. options: JSON-friendly settings of the run (protocol options, flip, model, ...)."""
+    arrays = {"protocol": np.array(protocol.name), "metric": np.array(protocol.metric),
+              "options": np.array(json.dumps(options or {}, sort_keys=True)),
+              "query_pool": np.asarray(query["pool"], dtype=np.float64),
+              "query_bn": np.asarray(query["bn"], dtype=np.float64),
               "query_pids": np.asarray(protocol.query_pids), "query_cams": np.asarray(protocol.query_cams),
               "query_paths": np.array(protocol.query_paths, dtype=str), "query_modal": np.array(protocol.query_modal),
-              "gallery_pool": gallery["pool"].astype(np.float32), "gallery_bn": gallery["bn"].astype(np.float32),
+              "gallery_pool": np.asarray(gallery["pool"], dtype=np.float64),
+              "gallery_bn": np.asarray(gallery["bn"], dtype=np.float64),
               "gallery_pids": np.asarray(protocol.gallery_pids), "gallery_cams": np.asarray(protocol.gallery_cams),
               "gallery_paths": np.array(protocol.gallery_paths, dtype=str),
               "gallery_modal": np.array(protocol.gallery_modal), "trials": np.asarray(protocol.trials, dtype=np.int64),
@@ -88,3 +132,133 @@ def save_features(path, protocol, query, gallery):
             arrays[f"gallery_trial{t}_indices"] = np.asarray(idx, dtype=np.int64)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, **arrays)
+
+
+class FeaturesFileError(ValueError):
+    """A features file that is missing, unreadable or not written by save_features."""
+
+
+FEATURE_SIDE_KEYS = ("pool", "bn", "pids", "cams", "paths", "modal")
+
+
+def read_features_file(path):
+    """(arrays {key: array} of a save_features npz, gallery indices per trial); FeaturesFileError with one
+    line when the file is missing, unreadable or lacks a key."""
+    if not os.path.isfile(path):
+        raise FeaturesFileError(f"features file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {key: npz[key] for key in npz.files}
+    except Exception as exc:  # zipfile/pickle/format errors all mean "not a features npz"
+        raise FeaturesFileError(f"cannot read features file {path}: {exc}") from None
+    required = [f"{side}_{key}" for side in ("query", "gallery") for key in FEATURE_SIDE_KEYS] + ["trials"]
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise FeaturesFileError(f"{path} lacks key(s) {', '.join(missing)}: not a test.py --save-features file")
+    trials = [int(t) for t in np.atleast_1d(data["trials"])]
+    if "gallery_trial_indices" in data:
+        per_trial = [np.asarray(row, dtype=np.int64) for row in np.atleast_2d(data["gallery_trial_indices"])]
+    else:
+        keys = sorted((int(m.group(1)), key) for key in data
+                      if (m := re.fullmatch(r"gallery_trial(\d+)_indices", key)))
+        per_trial = [np.asarray(data[key], dtype=np.int64) for _, key in keys]
+    if len(per_trial) != len(trials):
+        raise FeaturesFileError(f"{path}: {len(per_trial)} gallery trial index arrays for {len(trials)} trials")
+    return data, per_trial
+
+
+def load_features(path):
+    """(protocol, query features, gallery features, options) of a save_features npz, for
+    eval_metrics.evaluate_protocol without the model or the images. The protocol is a namespace with
+    TestProtocol's fields; files written before the metric and options were stored are refused."""
+    data, trial_indices = read_features_file(path)
+    missing = [key for key in ("metric", "options") if key not in data]
+    if missing:
+        raise FeaturesFileError(f"{path} lacks {' and '.join(missing)} (written by an older test.py): run "
+                                f"test.py --save-features again to re-evaluate it")
+    protocol = SimpleNamespace(
+        name=str(data["protocol"]), metric=str(data["metric"]), trials=[int(t) for t in np.atleast_1d(data["trials"])],
+        trial_indices=trial_indices, transpose=bool(data.get("transpose", False)),
+        **{f"{side}_{key}": data[f"{side}_{key}"] for side in ("query", "gallery")
+           for key in ("pids", "cams", "paths", "modal")})
+    features = [{key: data[f"{side}_{key}"] for key in ("pool", "bn")} for side in ("query", "gallery")]
+    return protocol, features[0], features[1], json.loads(str(data["options"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-camera results
+# --------------------------------------------------------------------------------------------------
+
+# Cameras recording in the dark, by dataset, named "low-light" in the per-camera tables. SYSU-MM01: its two
+# infrared cameras (cam3 indoor, cam6 outdoor) are the ones set in dark scenes (Wu et al., ICCV 2017); its
+# visible cameras film lit scenes. LLCM and RegDB publish no per-camera lighting, so none is named unless
+# test.py --low-light-cams says which (e.g. the synthetic trees' dark cameras).
+LOW_LIGHT_CAMERAS = {"sysu": (3, 6), "regdb": (), "llcm": ()}
+CAMERA_METRICS = ("Rank-1", "mAP", "mINP")
+
+
+def summarise_by_camera(by_camera):
+    """Per mode, side and camera: mean and population std over the trials where the camera had a valid
+    query, of Rank-1, mAP and mINP, with those trials; and per mode and side the gap between the best and
+    the worst camera's mean. by_camera: the "by_camera" entry of eval_metrics.evaluate_protocol."""
+    summary = {}
+    for mode, trials in by_camera.items():
+        summary[mode] = {}
+        for side in ("gallery", "query"):
+            cams = sorted({cam for trial in trials for cam in trial[side]})
+            per_cam = {}
+            for cam in cams:
+                results = [(trial["trial"], trial[side][cam]) for trial in trials if trial[side].get(cam)]
+                values = {"Rank-1": [r["cmc"][0] for _, r in results], "mAP": [r["mAP"] for _, r in results],
+                          "mINP": [r["mINP"] for _, r in results]}
+                per_cam[cam] = {"trials": [t for t, _ in results],
+                                "mean": {k: float(np.mean(v)) if v else None for k, v in values.items()},
+                                "std": {k: float(np.std(v)) if v else None for k, v in values.items()}}
+            summary[mode][side] = {"cameras": per_cam, "gap": _camera_gap(per_cam)}
+    return summary
+
+
+def _camera_gap(per_cam):
+    """Per metric: best and worst camera by mean, and their difference (None with fewer than 2 cameras)."""
+    gaps = {}
+    for name in CAMERA_METRICS:
+        means = {cam: r["mean"][name] for cam, r in per_cam.items() if r["mean"][name] is not None}
+        if len(means) < 2:
+            gaps[name] = None
+            continue
+        best, worst = max(means, key=means.get), min(means, key=means.get)
+        gaps[name] = {"best": best, "worst": worst, "gap": means[best] - means[worst]}
+    return gaps
+
+
+def camera_label(cam, low_light):
+    return f"cam{cam}" + (" (low-light)" if cam in low_light else "")
+
+
+def by_camera_table(summary, modes, title, labels=MODE_LABELS, low_light=()):
+    """Rank-1, mAP and mINP (mean ± std in %) per similarity mode, side and camera, and per side the gap
+    between the best and the worst camera. Sides with one camera are left out (they repeat the overall
+    numbers)."""
+    def cell(mean, std):
+        return "-" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    rows = []
+    for mode in modes:
+        for side in ("gallery", "query"):
+            cameras = summary[mode][side]["cameras"]
+            if len(cameras) < 2:
+                continue
+            for cam, r in cameras.items():
+                rows.append({"feature": labels[mode], "side": side, "camera": camera_label(cam, low_light),
+                             **{k: cell(r["mean"][k], r["std"][k]) for k in CAMERA_METRICS},
+                             "trials": len(r["trials"])})
+            gap = summary[mode][side]["gap"]
+            rows.append({"feature": labels[mode], "side": side, "camera": "gap best-worst",
+                         **{k: "-" if gap[k] is None else
+                            f"{100 * gap[k]['gap']:.2f} (cam{gap[k]['best']}-cam{gap[k]['worst']})"
+                            for k in CAMERA_METRICS}})
+    return utils.format_table(rows, ["feature", "side", "camera", *CAMERA_METRICS, "trials"], title=title)
+
+
+def has_several_cameras(protocol):
+    """Whether a per-camera breakdown says more than the overall numbers: several cameras on a side."""
+    return any(len(np.unique(np.asarray(cams))) > 1 for cams in (protocol.query_cams, protocol.gallery_cams))

@@ -3,10 +3,18 @@
     python test.py --dataset sysu --mode all --resume runs/sysu_irl_p4_n6_lr_0.1_seed_0_best.pth --gpu 0
     python test.py --dataset regdb --tvsearch True --resume 'runs/regdb_irl_p4_n6_lr_0.1_seed_0_trial_{trial}_best.pth'
     python test.py --dataset llcm --resume llcm_IRL_p4_n6_lr_0.1_seed_0_best.t      # official checkpoint
+    python test.py --dataset sysu --resume ckpt.pth --rerank --by-camera --save-features f.npz
+    python test.py --features f.npz --rerank tsme --modes sum     # re-evaluate saved features, no model/images
 
 Features are extracted once per checkpoint (query set, and every gallery image any trial uses); each
 gallery trial then only re-ranks. Prints Rank-1/5/10/20, mAP and mINP per feature / similarity mode as
 mean and std over the trials and writes every per-trial number to a JSON file.
+
+--rerank: k-reciprocal re-ranking of each trial's query and gallery together (labelled "re-ranked").
+--by-camera: the metrics per gallery camera (each trial's gallery restricted to that camera, the protocol's
+removal rules kept) and per query camera (that camera's queries against the whole gallery).
+--features: re-evaluate a --save-features file with any modes, re-ranking or --by-camera; it reproduces the
+numbers of the run that saved it exactly.
 """
 import argparse
 import os
@@ -27,16 +35,16 @@ DATASETS = data_manager.DATASETS
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--dataset", choices=tuple(DATASETS), default="sysu")
+    add("--dataset", choices=tuple(DATASETS), help="dataset (default sysu; with --features: the file's)")
     add("--data-path", dest="data_path", help="dataset root (default ./dataset/<SYSU-MM01|RegDB|LLCM>/)")
-    add("--resume", required=True,
+    add("--resume",
         help="checkpoint to evaluate (ours or official); for RegDB without --trial a pattern containing "
              "{trial}, e.g. 'runs/regdb_trial{trial}_best.pth'")
     add("--model_path", default="", help="folder prepended to --resume when --resume is a bare file name "
                                          "that does not exist as given (official style)")
-    add("--mode", choices=("all", "indoor"), default="all", help="SYSU search mode")
-    add("--shots", type=int, default=1, help="gallery images per (identity, camera): 1 = single-shot "
-                                             "(official), 10 = multi-shot (SYSU/LLCM)")
+    add("--mode", choices=("all", "indoor"), help="SYSU search mode (default all)")
+    add("--shots", type=int, help="gallery images per (identity, camera): 1 = single-shot (official, default), "
+                                  "10 = multi-shot (SYSU; LLCM: an extension)")
     add("--trial", type=int, help="RegDB: evaluate split 1..10 only; SYSU/LLCM: only gallery seed k")
     add("--num-trials", dest="num_trials", type=int, default=10, help="gallery trials / RegDB splits (10)")
     add("--tvsearch", nargs="?", const=True, default=False, type=utils.str2bool,
@@ -66,6 +74,19 @@ def build_parser():
     add("--output", help="results JSON (default: next to the checkpoint, or in --log_path)")
     add("--log_path", help="folder for the results JSON when --output is not given")
     add("--save-features", dest="save_features", metavar="NPZ", help="write query/gallery features here")
+    add("--features", nargs="+", metavar="NPZ",
+        help="re-evaluate features saved by --save-features (one file per RegDB split) instead of a model: any "
+             "--modes, --rerank, --by-camera, --tvsearch / --deen-transposed; the protocol is the file's")
+    add("--rerank", nargs="*", metavar="K1 K2 LAMBDA",
+        help="k-reciprocal re-ranking (Zhong et al. 2017) of each trial's query + gallery jointly: bare flag = "
+             "'field' preset (k1 20, k2 6, lambda 0.3), 'tsme' (31 19 0.3), or three values k1 k2 lambda. "
+             "Not comparable with numbers published without re-ranking; labelled 're-ranked'")
+    add("--by-camera", dest="by_camera", action="store_true",
+        help="Rank-1/mAP/mINP per gallery camera (each trial's gallery restricted to that camera, removal rules "
+             "kept) and per query camera (its queries against the whole gallery), and the best-worst gap")
+    add("--low-light-cams", dest="low_light_cams", nargs="+", type=int, metavar="CAM",
+        help="cameras to mark low-light in --by-camera (default: SYSU-MM01 cam3 cam6, its IR cameras in dark "
+             "scenes; none for RegDB and LLCM, which publish no per-camera lighting)")
     return p
 
 
@@ -77,7 +98,47 @@ def datasets_with(option):
     return " or ".join(f"--dataset {key}" for key, info in DATASETS.items() if option in info.options)
 
 
+def rerank_parameters(values):
+    """(preset name or None, {k1, k2, lambda_value}) of --rerank's values, or (None, None) without it."""
+    if values is None:
+        return None, None
+    try:
+        return evaluation.rerank_parameters(values)
+    except ValueError as exc:
+        raise utils.ConfigError(f"--rerank {' '.join(values)}: {exc}") from None
+
+
+def apply_saved_options(args, options, path):
+    """Take the protocol of a features file: its dataset, protocol options and flip, refusing flags that
+    would need other images or features. --tvsearch and --deen-transposed only transpose the ranking of the
+    same features, so they may be added to a run saved without them."""
+    saved = options["protocol_options"]
+    if args.dataset not in (None, options["dataset"]):
+        raise utils.ConfigError(f"{path} holds {options['dataset']} features, not --dataset {args.dataset}")
+    for key in ("mode", "shots", "direction"):
+        if getattr(args, key) is not None and getattr(args, key) != saved[key]:
+            raise utils.ConfigError(f"--{key} {getattr(args, key)}: {path} was saved with {key} {saved[key]}, "
+                                    f"and other images cannot be evaluated without the model")
+        # protocol_options names LLCM's default direction for every dataset; only LLCM takes the flag
+        applies = key != "direction" or key in DATASETS[options["dataset"]].options
+        setattr(args, key, saved[key] if applies else None)
+    if args.flip and not options["flip"]:
+        raise utils.ConfigError(f"--flip: {path} holds features without flip; flip needs the model and images")
+    if args.resume or args.save_features or args.trial is not None:
+        raise utils.ConfigError("--features replaces the model: --resume, --save-features and --trial do not "
+                                "apply (the file holds its trials)")
+    args.dataset, args.flip = options["dataset"], options["flip"]
+
+
+def resolve_defaults(args):
+    args.dataset = args.dataset or "sysu"
+    args.mode = args.mode or "all"
+    args.shots = 1 if args.shots is None else args.shots
+
+
 def check_args(args):
+    if not args.features and not args.resume:
+        raise utils.ConfigError("give a checkpoint (--resume) or saved features (--features)")
     info = DATASETS[args.dataset]
     if args.tvsearch and "tvsearch" not in info.options:
         raise utils.ConfigError(f"--tvsearch applies to {datasets_with('tvsearch')} only")
@@ -93,7 +154,7 @@ def check_args(args):
         raise utils.ConfigError(f"--num-trials must be >= 1, got {args.num_trials}")
     if info.num_splits and args.trial is not None and not 1 <= args.trial <= info.num_splits:
         raise utils.ConfigError(f"--trial must be in 1..{info.num_splits} for {info.name}, got {args.trial}")
-    if "{trial}" in args.resume and not info.num_splits:
+    if args.resume and "{trial}" in args.resume and not info.num_splits:
         raise utils.ConfigError("a {trial} pattern in --resume is for "
                                 + ", ".join(i.name for i in DATASETS.values() if i.num_splits)
                                 + " (one checkpoint per split)")
@@ -202,33 +263,62 @@ def per_trial_path(path, trial, many):
     return f"{stem}_trial{trial}{ext or '.npz'}"
 
 
+def rerank_tag(args):
+    """'' without re-ranking; '-rerank' with the field preset, '-rerank-tsme', or '-rerank-<k1>-<k2>-<lambda>'."""
+    preset, parameters = rerank_parameters(args.rerank)
+    if parameters is None:
+        return ""
+    if preset == "field":
+        return "-rerank"
+    return f"-rerank-{preset or '-'.join(str(parameters[k]) for k in ('k1', 'k2', 'lambda_value'))}"
+
+
 def protocol_name(args):
-    return data_manager.protocol_label(args.dataset, **protocol_options(args)) + ("-flip" if args.flip else "")
+    return (data_manager.protocol_label(args.dataset, **protocol_options(args)) + ("-flip" if args.flip else "")
+            + rerank_tag(args))
 
 
-def output_path(args, first_checkpoint):
+def output_path(args, first_source):
+    """--output, else <checkpoint or features stem>_<protocol name>.json next to it (or in --log_path)."""
     if args.output:
         return args.output
-    stem = os.path.splitext(os.path.basename(args.resume.replace("{trial}", "all")))[0]
-    folder = args.log_path or os.path.dirname(os.path.abspath(first_checkpoint))
+    source = args.resume.replace("{trial}", "all") if args.resume else first_source
+    stem = os.path.splitext(os.path.basename(source))[0]
+    folder = args.log_path or os.path.dirname(os.path.abspath(first_source))
     return os.path.join(folder, f"{stem}_{protocol_name(args)}.json")
 
 
-def run_test(args):
+def saved_protocols(args):
+    """(protocol, query features, gallery features, options) of every --features file, after taking the
+    saved run's protocol options into args; --tvsearch / --deen-transposed set the transposition."""
+    loaded = []
+    for path in args.features:
+        try:
+            protocol, query, gallery, options = evaluation.load_features(path)
+        except evaluation.FeaturesFileError as exc:
+            raise utils.ConfigError(str(exc)) from None
+        apply_saved_options(args, options, path)
+        loaded.append((protocol, query, gallery, options))
+    saved = loaded[0][3]["protocol_options"]
+    args.tvsearch = bool(args.tvsearch or saved["tvsearch"])
+    args.deen_transposed = bool(args.deen_transposed or saved["deen_transposed"])
     check_args(args)
-    log = utils.setup_logger("test")
+    for protocol, _, _, _ in loaded:
+        protocol.transpose = bool(args.tvsearch or args.deen_transposed)
+    return loaded
+
+
+def model_evaluations(args, log, data_path, distance):
+    """Per protocol job: (protocol, evaluate_protocol result, settings, checkpoint key, source path), from the
+    checkpoints' models; writes --save-features files on the way."""
     device = utils.resolve_device(args.device, args.gpu, logger=log)
-    info = DATASETS[args.dataset]
-    data_path = args.data_path or info.default_path
     jobs = protocol_jobs(args, data_path)
-    modes, per_trial, checkpoints, settings, protocol_info = None, None, {}, None, None
+    modes = None
     for protocol, path, ckpt, split in jobs:
         net, settings = load_model(utils.load_torch_file(path) if ckpt is None else ckpt, path, args, device, split)
         log.info(f"{protocol.name}: {path} ({settings['source']}: {settings['method']} {settings['arch']} "
                  f"{settings['img_h']}x{settings['img_w']}, {settings['num_classes']} classes)")
-        if modes is None:
-            modes = tuple(args.modes or methods.get(settings["method"]).modes(args.dataset))
-            per_trial = {mode: [] for mode in modes}
+        modes = modes or tuple(args.modes or methods.get(settings["method"]).modes(args.dataset))
         protocol = protocol.used_gallery_only()
         if len(protocol.trial_indices) > 1 and all(np.array_equal(protocol.trial_indices[0], t)
                                                    for t in protocol.trial_indices[1:]):
@@ -237,20 +327,65 @@ def run_test(args):
                      f"and their std is 0")
         result, query, gallery = evaluation.evaluate(net, protocol, settings["img_h"], settings["img_w"],
                                                      args.test_batch, args.workers, device, modes, flip=args.flip,
-                                                     warn=log.warning)
+                                                     warn=log.warning, distance=distance, by_camera=args.by_camera)
+        key = "all" if split is None else str(split)
+        if args.save_features:
+            options = {"dataset": args.dataset, "data_path": data_path, "protocol_options": protocol_options(args),
+                       "flip": args.flip, "model": settings, "checkpoint": {key: path}}
+            evaluation.save_features(per_trial_path(args.save_features, split, len(jobs) > 1), protocol, query,
+                                     gallery, options)
+        yield protocol, result, settings, key, path, modes
+
+
+def feature_evaluations(args, log, loaded, distance):
+    """Like model_evaluations, from the loaded --features files (saved_protocols): their model settings and
+    checkpoints as saved."""
+    for path, (protocol, query, gallery, options) in zip(args.features, loaded):
+        log.info(f"{protocol.name}: features {path} (saved from {', '.join(options['checkpoint'].values())})")
+        modes = tuple(args.modes or methods.get(options["model"]["method"]).modes(args.dataset))
+        for message in eval_metrics.non_finite_warnings(query, gallery):
+            log.warning(message)
+        result = eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes, distance=distance,
+                                                by_camera=args.by_camera)
+        (key, checkpoint), = options["checkpoint"].items()
+        yield protocol, result, options["model"], key, checkpoint, modes
+
+
+def run_test(args):
+    log = utils.setup_logger("test")
+    if args.features:
+        loaded = saved_protocols(args)
+        data_path = loaded[0][3]["data_path"]
+    else:
+        resolve_defaults(args)
+        check_args(args)
+        data_path = args.data_path or DATASETS[args.dataset].default_path
+    preset, rerank_params = rerank_parameters(args.rerank)
+    distance = (eval_metrics.negative_similarity if rerank_params is None
+                else evaluation.reranked_distance(**rerank_params))
+    if args.features:
+        evaluations = feature_evaluations(args, log, loaded, distance)
+    else:
+        evaluations = model_evaluations(args, log, data_path, distance)
+    modes, per_trial, by_camera, checkpoints, settings, protocol_info = None, None, None, {}, None, None
+    several_cameras = False
+    for protocol, result, settings, key, path, modes in evaluations:
+        if per_trial is None:
+            per_trial, by_camera = {mode: [] for mode in modes}, {mode: [] for mode in modes}
         for mode in modes:
             per_trial[mode].extend(result["per_trial"][mode])
+            if args.by_camera:
+                by_camera[mode].extend(result["by_camera"][mode])
         for entry in result["per_trial"][modes[0]]:
             log.info(f"  trial {entry['trial']}: {mode_labels(args)[modes[0]]} Rank-1 {100 * entry['cmc'][0]:.2f}% "
                      f"mAP {100 * entry['mAP']:.2f}% mINP {100 * entry['mINP']:.2f}%")
-        checkpoints["all" if split is None else str(split)] = path
+        checkpoints[key] = path
+        several_cameras = several_cameras or evaluation.has_several_cameras(protocol)
         if protocol_info is None:
             first = protocol.trial_indices[0]
-            protocol_info = {"num_query": len(protocol.query_paths), "num_gallery": len(first),
+            protocol_info = {"num_query": len(protocol.query_pids), "num_gallery": len(first),
                              "num_gallery_ids": int(len(np.unique(np.asarray(protocol.gallery_pids)[first])))}
-        if args.save_features:
-            evaluation.save_features(per_trial_path(args.save_features, split, len(jobs) > 1), protocol, query,
-                                     gallery)
+    info = DATASETS[args.dataset]
     mean, std = evaluation.summarise(per_trial)
     trials = [entry["trial"] for entry in per_trial[modes[0]]]
     title = (f"{protocol_name(args)}: mean ± std over {len(trials)} "
@@ -262,18 +397,39 @@ def run_test(args):
                             **{key: options[key] if key in info.options else None
                                for key in ("mode", "tvsearch", "direction")},
                             "shots": args.shots, "deen_transposed": args.deen_transposed, "flip": args.flip,
+                            "rerank": None if rerank_params is None else {"preset": preset, **rerank_params},
                             "trials": trials, "modes": list(modes), **protocol_info},
                "model": settings, "checkpoints": checkpoints,
                "per_trial": per_trial, "mean": mean, "std": std}
-    out = output_path(args, jobs[0][1])
+    if args.features:
+        summary["features"] = list(args.features)
+    if args.by_camera:
+        summary["by_camera"] = camera_results(args, info, by_camera, several_cameras, modes, log)
+    out = output_path(args, args.features[0] if args.features else checkpoints[next(iter(checkpoints))])
     utils.save_json_atomic(summary, out)
     log.info(f"Results written to {out}")
     return 0
 
 
+def camera_results(args, info, by_camera, several_cameras, modes, log):
+    """The JSON "by_camera" entry, with its table logged; a note instead where every side has one camera."""
+    low_light = tuple(args.low_light_cams if args.low_light_cams is not None
+                      else evaluation.LOW_LIGHT_CAMERAS[args.dataset])
+    if not several_cameras:
+        note = (f"{info.name} has one camera each way (one query camera, one gallery camera): per-camera "
+                f"numbers equal the overall ones, so there is no per-camera table")
+        log.info(note)
+        return {"note": note, "low_light_cameras": list(low_light)}
+    summary = evaluation.summarise_by_camera(by_camera)
+    title = f"{protocol_name(args)}: per camera, mean ± std over the trials where the camera has a valid query (%)"
+    log.info("\n" + evaluation.by_camera_table(summary, modes, title, mode_labels(args), low_light))
+    return {"low_light_cameras": list(low_light), "summary": summary, "per_trial": by_camera}
+
+
 def mode_labels(args):
     """Row labels of the similarity modes; test-time options that change the features are named in them."""
-    return {mode: label + (" + flip" if args.flip else "") for mode, label in evaluation.MODE_LABELS.items()}
+    return {mode: label + (" + flip" if args.flip else "") + (" + re-ranked" if args.rerank is not None else "")
+            for mode, label in evaluation.MODE_LABELS.items()}
 
 
 def main(argv=None):

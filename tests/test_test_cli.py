@@ -53,7 +53,7 @@ def test_sysu_all_search_ten_trials_with_features(tmp_path_factory, tmp_path):
     for mode in ("bn", "pool"):
         assert summary["per_trial"][mode][0]["mAP"] == pytest.approx(record["eval"][mode]["mAP"], abs=1e-9)
     npz = np.load(tmp_path / "f.npz")
-    assert str(npz["protocol"]) == "sysu-all-single" and npz["query_bn"].dtype == np.float32
+    assert str(npz["protocol"]) == "sysu-all-single" and npz["query_bn"].dtype == np.float64   # as evaluated
     assert npz["query_bn"].shape[0] == len(npz["query_pids"]) == summary["protocol"]["num_query"]
     assert np.allclose(np.linalg.norm(npz["gallery_pool"], axis=1), 1, atol=1e-5)
     assert npz["gallery_trial_indices"].shape == (10, summary["protocol"]["num_gallery"])

@@ -1,4 +1,7 @@
-"""tools/visualize.py: ranked-list grids, t-SNE (numpy) and the optional-matplotlib path."""
+"""tools/visualize.py: ranked-list grids, t-SNE (numpy), re-ranking moves, the per-camera bar chart and the
+optional-matplotlib path."""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -337,3 +340,94 @@ def test_non_positive_counts_are_rejected(tmp_path, capsys):
     assert vis.main(["ranks", "--features", feats, "--out", str(tmp_path / "o"), "--top-k", "0"]) == 2
     assert capsys.readouterr().err == "error: --top-k must be >= 1\n"
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ re-ranking moves
+def _literal_first_hit(scores, pids, pid):
+    """Rank (1-based) of the first item of `pid` when sorting by decreasing score, one item at a time."""
+    order = sorted(range(len(scores)), key=lambda j: -scores[j])
+    return next((k + 1 for k, j in enumerate(order) if pids[j] == pid), None)
+
+
+def test_first_hits_match_a_literal_ranking():
+    rng = np.random.default_rng(1)
+    scores, pids = rng.random((5, 9)), rng.integers(0, 3, 9)
+    keep = np.ones((5, 9), dtype=bool)
+    probe_pids = np.array([0, 1, 2, 0, 7])
+    assert vis.first_hits(scores, keep, probe_pids, pids) == [_literal_first_hit(s, pids, p)
+                                                               for s, p in zip(scores, probe_pids)]
+    keep[0, pids == 0] = False                                       # every match of probe 0 excluded
+    assert vis.first_hits(scores, keep, probe_pids, pids)[0] is None
+
+
+def test_rerank_moves_before_and_after(tmp_path):
+    import rerank
+    path, data = make_features_npz(tmp_path)
+    feats = vis.load_features(path)
+    params = {"k1": 4, "k2": 2, "lambda_value": 0.3}
+    before, after, keep, hits_before, hits_after = vis.rerank_moves(feats, "bn", 0, params)
+    probes, ranked = feats.trial_sets(0)
+    assert hits_before[0] == 3                                        # the planted pid-1 lean: two false first
+    assert hits_before == [_literal_first_hit(row, ranked["pids"], p) for row, p in zip(before, probes["pids"])]
+    reranked = rerank.re_ranking(*rerank.feature_distances(probes["bn"].astype(np.float32),
+                                                           ranked["bn"].astype(np.float32)), **params)
+    assert hits_after == [_literal_first_hit(-row, ranked["pids"], p) for row, p in zip(reranked, probes["pids"])]
+    # lambda 1 keeps the original distance, which ranks like the similarity: nothing moves.
+    _, _, _, same_before, same_after = vis.rerank_moves(feats, "bn", 0, dict(params, lambda_value=1.0))
+    assert same_before == same_after
+    assert vis.most_moved([3, 1, None, 5], [1, 1, 2, 6], 2) == [0, 3]
+
+
+def test_rerank_cli_draws_before_and_after_rows(tmp_path, capsys):
+    path, _ = make_features_npz(tmp_path)
+    out = tmp_path / "rr"
+    assert vis.main(["rerank", "--features", path, "--out", str(out), "--num-queries", "3", "--top-k", "4",
+                     "--rerank", "4", "2", "0.3"]) == 0
+    captured = capsys.readouterr()
+    (png,) = captured.out.split()
+    assert "moved the first true match up for" in captured.err
+    layout = vis.GridLayout()
+    with Image.open(png) as img:
+        assert img.size == layout.canvas_size(6, 4)                  # two rows per query
+    assert vis.main(["rerank", "--features", path, "--out", str(out), "--rerank", "fast"]) == 2
+    assert capsys.readouterr().err.startswith("error: --rerank fast: expected a preset")
+
+
+# ------------------------------------------------------------------------------ per-camera bar chart
+def camera_results(note=False):
+    if note:
+        return {"protocol": {"name": "regdb-v2t"}, "by_camera": {"note": "RegDB has one camera each way: ...",
+                                                                   "low_light_cameras": []}}
+    cams = {"1": {"trials": [0], "mean": {"Rank-1": 0.5, "mAP": 0.4, "mINP": 0.3},
+                  "std": {"Rank-1": 0.1, "mAP": 0.0, "mINP": 0.0}},
+            "2": {"trials": [0], "mean": {"Rank-1": 0.2, "mAP": 0.3, "mINP": 0.2},
+                  "std": {"Rank-1": 0.0, "mAP": 0.0, "mINP": 0.0}}}
+    one = {"3": cams["1"]}
+    return {"protocol": {"name": "sysu-all-single"},
+            "by_camera": {"low_light_cameras": [2], "summary": {"bn": {"gallery": {"cameras": cams, "gap": {}},
+                                                                       "query": {"cameras": one, "gap": {}}}}}}
+
+
+def test_camera_bars_mark_low_light_and_skip_single_camera_sides():
+    bars = vis.camera_bars(camera_results(), "bn", "Rank-1")
+    assert bars == [("gallery", [("cam1", 0.5, 0.1, False), ("cam2 (low-light)", 0.2, 0.0, True)])]
+    with pytest.raises(vis.VisualizeError, match="one camera each way"):
+        vis.camera_bars(camera_results(note=True), "bn", "Rank-1")
+    with pytest.raises(vis.VisualizeError, match="feature sum not in the results"):
+        vis.camera_bars(camera_results(), "sum", "Rank-1")
+
+
+def test_cameras_cli_writes_png_or_says_matplotlib_is_missing(tmp_path, capsys, monkeypatch):
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps(camera_results()))
+    out = tmp_path / "cams.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert vis.main(["cameras", "--results", str(results), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.split() == [str(out)]
+        with Image.open(out) as img:
+            colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+            assert colours is not None and len(colours) > 5          # not a blank canvas
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert vis.main(["cameras", "--results", str(results), "--out", str(tmp_path / "no.png")]) == 2
+    assert capsys.readouterr().err == "error: matplotlib is required for figures: pip install matplotlib\n"

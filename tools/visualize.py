@@ -6,12 +6,15 @@ Sub-commands:
          Drawn with Pillow only, so it works without matplotlib.
   tsne   t-SNE of query and gallery features of a subset of identities; colour = identity,
          marker = modality (o visible, ^ infrared). Needs matplotlib (optional dependency).
+  rerank per query, whether k-reciprocal re-ranking moved the true match: the ranked list before and after,
+         with the first true match's rank in both, the queries it moved most first (Pillow only).
+  cameras  bar chart of a metric per camera from a `test.py --by-camera` results JSON, low-light cameras
+         hatched and labelled. Needs matplotlib.
 
 The t-SNE is an exact numpy implementation (`tsne`), adequate for up to a few thousand points.
 """
 import argparse
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -23,6 +26,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from eval_metrics import removed_gallery, similarity  # noqa: E402  (needs the repo root on sys.path)
+import json  # noqa: E402
+
+from evaluation import (FEATURE_SIDE_KEYS, FeaturesFileError, read_features_file,  # noqa: E402
+                        rerank_parameters, reranked_distance)
 
 MATPLOTLIB_MISSING = "matplotlib is required for figures: pip install matplotlib"
 VISIBLE, INFRARED = 1, 2                      # modality codes used in the npz (query_modal / gallery_modal)
@@ -64,7 +71,8 @@ class SavedFeatures:
 
     def trial_sets(self, pos):
         """(probes, ranked set) for trial position `pos`: the query set and that trial's gallery, swapped
-        when the protocol is evaluated transposed. Each is a dict of per-sample arrays (see _SIDE_KEYS)."""
+        when the protocol is evaluated transposed. Each is a dict of per-sample arrays
+        (evaluation.FEATURE_SIDE_KEYS)."""
         gallery = {key: _take(values, self.trial_indices[pos]) for key, values in self.gallery.items()}
         return (gallery, self.query) if self.transpose else (self.query, gallery)
 
@@ -73,50 +81,26 @@ def _take(values, idx):
     return [values[i] for i in idx] if isinstance(values, list) else values[idx]
 
 
-_SIDE_KEYS = ("pool", "bn", "pids", "cams", "paths", "modal")
-
-
 def load_features(path) -> SavedFeatures:
-    """Read and validate a test.py --save-features npz (see CONTRACT: NPZ format). An optional boolean
+    """Read and validate a test.py --save-features npz (evaluation.read_features_file). An optional boolean
     `transpose` key marks protocols evaluated with gallery rows (absent -> False)."""
-    if not os.path.isfile(path):
-        raise VisualizeError(f"features file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {key: npz[key] for key in npz.files}
-    except Exception as exc:  # zipfile/pickle/format errors all mean "not a features npz"
-        raise VisualizeError(f"cannot read features file {path}: {exc}") from None
-    required = [f"{side}_{key}" for side in ("query", "gallery") for key in _SIDE_KEYS] + ["trials"]
-    missing = [key for key in required if key not in data]
-    if missing:
-        raise VisualizeError(f"{path} lacks key(s) {', '.join(missing)}: not a test.py --save-features file")
+        data, trial_indices = read_features_file(path)
+    except FeaturesFileError as exc:
+        raise VisualizeError(str(exc)) from None
     trials = [int(t) for t in np.atleast_1d(data["trials"])]
     return SavedFeatures(source=path, protocol=str(data.get("protocol", "unknown")),
                          query=_side(data, "query"), gallery=_side(data, "gallery"),
-                         trials=trials, trial_indices=_trial_indices(data, trials, path),
+                         trials=trials, trial_indices=trial_indices,
                          transpose=bool(data.get("transpose", False)))
 
 
 def _side(data, side):
-    arrays = {key: data[f"{side}_{key}"] for key in _SIDE_KEYS}
+    arrays = {key: data[f"{side}_{key}"] for key in FEATURE_SIDE_KEYS}
     n = len(arrays["pids"])
     arrays["modal"] = np.broadcast_to(np.asarray(arrays["modal"], dtype=np.int64), (n,))
     arrays["paths"] = [str(p) for p in arrays["paths"]]
     return arrays
-
-
-def _trial_indices(data, trials, path):
-    """Gallery indices per trial: one [T, n] array, or one gallery_trial{t}_indices key per trial."""
-    if "gallery_trial_indices" in data:
-        stacked = np.atleast_2d(data["gallery_trial_indices"])
-        per_trial = [np.asarray(row, dtype=np.int64) for row in stacked]
-    else:
-        keys = sorted((int(m.group(1)), key) for key in data
-                      if (m := re.fullmatch(r"gallery_trial(\d+)_indices", key)))
-        per_trial = [np.asarray(data[key], dtype=np.int64) for _, key in keys]
-    if len(per_trial) != len(trials):
-        raise VisualizeError(f"{path}: {len(per_trial)} gallery trial index arrays for {len(trials)} trials")
-    return per_trial
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +183,8 @@ def _draw_cell(canvas, draw, layout, row, col, image_path, colour, lines, font):
 
 
 def render_ranked_rows(rows, top_k, title, layout=GridLayout()) -> Image.Image:
-    """rows: list of dicts {query_path, query_pid, query_cam, first_hit, ranked: [(path, pid, cam, sim)]}."""
+    """rows: list of dicts {query_path, query_pid, query_cam, first_hit, ranked: [(path, pid, cam, score)]}, and
+    optionally "label": the query cell's second line instead of "cam<c> hit@<rank>"."""
     canvas = Image.new("RGB", layout.canvas_size(len(rows), top_k), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = _font(11)
@@ -207,7 +192,7 @@ def render_ranked_rows(rows, top_k, title, layout=GridLayout()) -> Image.Image:
     for r, row in enumerate(rows):
         hit = f"hit@{row['first_hit']}" if row["first_hit"] else "no hit"
         _draw_cell(canvas, draw, layout, r, 0, row["query_path"], QUERY_COLOUR,
-                   [f"Q id {row['query_pid']}", f"cam{row['query_cam']} {hit}"], font)
+                   [f"Q id {row['query_pid']}", row.get("label", f"cam{row['query_cam']} {hit}")], font)
         for k, (path, pid, cam, sim) in enumerate(row["ranked"], start=1):
             colour = TRUE_COLOUR if pid == row["query_pid"] else FALSE_COLOUR
             _draw_cell(canvas, draw, layout, r, k, path, colour, [f"#{k} id {pid}", f"cam{cam} {sim:+.2f}"], font)
@@ -244,18 +229,138 @@ def run_ranks(args) -> list:
     feats = load_features(args.features)
     pos = feats.trial_position(args.trial)
     rows = ranked_rows(feats, args.feature, pos, args.num_queries, args.top_k, args.seed, args.image_root)
-    os.makedirs(args.out, exist_ok=True)
     stem = f"ranks_{feats.protocol}_trial{feats.trials[pos]}_{args.feature}"
     title = (f"{feats.protocol}  trial {feats.trials[pos]}  feature {args.feature}  "
              f"top-{args.top_k}  (green = same identity, red = different)")
+    return write_pages(rows, args.top_k, title, args.out, stem)
+
+
+def write_pages(rows, top_k, title, out, stem):
+    """render_ranked_rows over pages of ROWS_PER_PAGE rows (even: a query's before/after rows stay on one
+    page); returns the PNG paths."""
+    os.makedirs(out, exist_ok=True)
     pages = [rows[i:i + ROWS_PER_PAGE] for i in range(0, len(rows), ROWS_PER_PAGE)]
     written = []
     for p, page in enumerate(pages):
-        name = f"{stem}.png" if len(pages) == 1 else f"{stem}_p{p}.png"
-        path = os.path.join(args.out, name)
-        render_ranked_rows(page, args.top_k, title).save(path)
+        path = os.path.join(out, f"{stem}.png" if len(pages) == 1 else f"{stem}_p{p}.png")
+        render_ranked_rows(page, top_k, title).save(path)
         written.append(path)
     return written
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-ranking: where the true match moved
+# --------------------------------------------------------------------------------------------------
+def first_hits(scores, keep, probe_pids, ranked_pids):
+    """1-based rank of each probe's first kept true match when ranking by decreasing score (None: no match)."""
+    hits = []
+    for row, kept, pid in zip(scores, keep, probe_pids):
+        order = rank_gallery(row, ~kept)
+        matches = np.flatnonzero(ranked_pids[order] == pid)
+        hits.append(int(matches[0]) + 1 if len(matches) else None)
+    return hits
+
+
+def rerank_moves(feats: SavedFeatures, mode, trial_pos, params):
+    """(similarity before, minus the re-ranked distance after, kept masks, first-hit ranks before, after) of
+    every probe of one trial."""
+    probes, ranked_set = feats.trial_sets(trial_pos)
+    keep = np.array([~excluded_gallery(feats.metric, p, c, ranked_set["pids"], ranked_set["cams"])
+                     for p, c in zip(probes["pids"], probes["cams"])])
+    before = similarity(probes, ranked_set, mode)
+    after = -reranked_distance(**params)(probes, ranked_set, mode).astype(np.float64)
+    return (before, after, keep, first_hits(before, keep, probes["pids"], ranked_set["pids"]),
+            first_hits(after, keep, probes["pids"], ranked_set["pids"]))
+
+
+def most_moved(hits_before, hits_after, num):
+    """Up to `num` probes with a true match, by decreasing |rank change| (then index)."""
+    moved = [(abs(b - a), i) for i, (b, a) in enumerate(zip(hits_before, hits_after)) if b is not None]
+    return [i for _, i in sorted(moved, key=lambda m: (-m[0], m[1]))[:num]]
+
+
+def run_rerank(args) -> list:
+    feats = load_features(args.features)
+    pos = feats.trial_position(args.trial)
+    try:
+        _, params = rerank_parameters(args.rerank)
+    except ValueError as exc:
+        raise VisualizeError(f"--rerank {' '.join(args.rerank)}: {exc}") from None
+    before, after, keep, hits_before, hits_after = rerank_moves(feats, args.feature, pos, params)
+    probes, ranked_set = feats.trial_sets(pos)
+    rows = []
+    for qi in most_moved(hits_before, hits_after, args.num_queries):
+        for when, scores, hit in (("before", before, hits_before[qi]), ("after", after, hits_after[qi])):
+            order = rank_gallery(scores[qi], ~keep[qi])[:args.top_k]
+            rows.append({"query_path": resolve_image(probes["paths"][qi], args.image_root, feats.source),
+                         "query_pid": int(probes["pids"][qi]), "query_cam": int(probes["cams"][qi]),
+                         "first_hit": hit, "label": f"{when}: hit@{hit}",
+                         "ranked": [(resolve_image(ranked_set["paths"][j], args.image_root, feats.source),
+                                     int(ranked_set["pids"][j]), int(ranked_set["cams"][j]), float(scores[qi, j]))
+                                    for j in order]})
+    changes = [a - b for b, a in zip(hits_before, hits_after) if b is not None]
+    print(f"{feats.protocol} trial {feats.trials[pos]} {args.feature}: re-ranking ({params['k1']}, {params['k2']}, "
+          f"{params['lambda_value']}) moved the first true match up for {sum(c < 0 for c in changes)} probes, down "
+          f"for {sum(c > 0 for c in changes)}, not for {sum(c == 0 for c in changes)}", file=sys.stderr)
+    title = (f"{feats.protocol} trial {feats.trials[pos]} {args.feature}: before / after re-ranking "
+             f"k1={params['k1']} k2={params['k2']} lambda={params['lambda_value']} (green = same identity)")
+    stem = f"rerank_{feats.protocol}_trial{feats.trials[pos]}_{args.feature}"
+    return write_pages(rows, args.top_k, title, args.out, stem)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-camera bar chart (test.py --by-camera)
+# --------------------------------------------------------------------------------------------------
+def camera_bars(results, mode, metric):
+    """[(side, [(label, mean, std, low_light)])] of a test.py --by-camera results JSON, for the sides with
+    several cameras; VisualizeError (with test.py's note) when there is no per-camera table."""
+    by_camera = results.get("by_camera")
+    if by_camera is None:
+        raise VisualizeError("the results hold no per-camera numbers: run test.py with --by-camera")
+    if "summary" not in by_camera:
+        raise VisualizeError(by_camera.get("note", "the results hold no per-camera table"))
+    if mode not in by_camera["summary"]:
+        raise VisualizeError(f"feature {mode} not in the results (they hold {', '.join(by_camera['summary'])})")
+    low_light = set(by_camera["low_light_cameras"])
+    bars = []
+    for side in ("gallery", "query"):
+        cameras = by_camera["summary"][mode][side]["cameras"]
+        if len(cameras) < 2:
+            continue
+        bars.append((side, [(f"cam{cam}" + (" (low-light)" if int(cam) in low_light else ""),
+                             r["mean"][metric], r["std"][metric], int(cam) in low_light)
+                            for cam, r in sorted(cameras.items(), key=lambda item: int(item[0]))
+                            if r["mean"][metric] is not None]))
+    return bars
+
+
+def run_cameras(args) -> list:
+    try:
+        with open(args.results) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise VisualizeError(f"cannot read results {args.results}: {exc}") from None
+    bars = camera_bars(results, args.feature, args.metric)
+    plt = import_pyplot()
+    fig, axes = plt.subplots(1, len(bars), figsize=(4 + 1.2 * sum(len(b) for _, b in bars), 4.5), dpi=110,
+                             squeeze=False)
+    for ax, (side, side_bars) in zip(axes[0], bars):
+        labels, means, stds, dark = zip(*side_bars)
+        ax.bar(range(len(labels)), [100 * m for m in means], yerr=[100 * s for s in stds], capsize=3,
+               color=["dimgray" if d else "tab:blue" for d in dark], edgecolor="black")
+        for k, d in enumerate(dark):
+            if d:
+                ax.patches[k].set_hatch("//")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_ylabel(f"{args.metric} (%)")
+        ax.set_title(f"per {side} camera")
+    fig.suptitle(f"{results['protocol']['name']} {args.feature}: {args.metric} per camera "
+                 f"(mean ± std over trials; hatched = low-light)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fig.savefig(args.out)
+    plt.close(fig)
+    return [args.out]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,19 +535,23 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Figures from features saved by test.py --save-features.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p):
+    def common(p, seed=True):
         p.add_argument("--features", required=True, help="npz written by test.py --save-features")
         p.add_argument("--trial", type=int, default=None, help="trial id whose gallery is used (default: first)")
-        p.add_argument("--seed", type=int, default=0, help="seed for the choice of queries / identities")
+        if seed:
+            p.add_argument("--seed", type=int, default=0, help="seed for the choice of queries / identities")
+
+    def ranked_lists(p, num_queries, queries_help):
+        p.add_argument("--out", required=True, help="output directory for the PNG(s)")
+        p.add_argument("--feature", default="bn", choices=("bn", "pool", "sum", "weighted"),
+                       help="similarity used for ranking (REFERENCE 2.3)")
+        p.add_argument("--num-queries", type=int, default=num_queries, help=queries_help)
+        p.add_argument("--top-k", type=int, default=10, help="gallery images shown per row")
+        p.add_argument("--image-root", default=None, help="directory that relative image paths are under")
 
     ranks = sub.add_parser("ranks", help="ranked-list grids, true matches framed green, false red")
     common(ranks)
-    ranks.add_argument("--out", required=True, help="output directory for the PNG(s)")
-    ranks.add_argument("--feature", default="bn", choices=("bn", "pool", "sum", "weighted"),
-                       help="similarity used for ranking (REFERENCE 2.3)")
-    ranks.add_argument("--num-queries", type=int, default=8, help="queries shown (8 rows per PNG)")
-    ranks.add_argument("--top-k", type=int, default=10, help="gallery images shown per query")
-    ranks.add_argument("--image-root", default=None, help="directory that relative image paths are under")
+    ranked_lists(ranks, 8, "queries shown (8 rows per PNG)")
     ranks.set_defaults(run=run_ranks)
 
     t = sub.add_parser("tsne", help="t-SNE of both modalities (needs matplotlib)")
@@ -454,6 +563,20 @@ def build_parser():
     t.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     t.add_argument("--iters", type=int, default=1000, help="t-SNE gradient steps")
     t.set_defaults(run=run_tsne)
+
+    rr = sub.add_parser("rerank", help="ranked lists before and after re-ranking, the most moved queries first")
+    common(rr, seed=False)
+    ranked_lists(rr, 4, "queries shown (two rows each), those whose first true match moved most")
+    rr.add_argument("--rerank", nargs="*", default=[], metavar="K1 K2 LAMBDA",
+                    help="preset (field: 20 6 0.3, tsme: 31 19 0.3) or k1 k2 lambda (default field)")
+    rr.set_defaults(run=run_rerank)
+
+    cams = sub.add_parser("cameras", help="bar chart per camera from a test.py --by-camera JSON (needs matplotlib)")
+    cams.add_argument("--results", required=True, help="results JSON written by test.py --by-camera")
+    cams.add_argument("--out", required=True, help="output PNG file")
+    cams.add_argument("--feature", default="bn", choices=("bn", "pool", "sum", "weighted"), help="similarity mode")
+    cams.add_argument("--metric", default="Rank-1", choices=("Rank-1", "mAP", "mINP"), help="metric plotted")
+    cams.set_defaults(run=run_cameras)
     return parser
 
 

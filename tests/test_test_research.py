@@ -1,0 +1,138 @@
+"""test.py's research options end to end on the synthetic trees and the tiny checkpoints of tests/test_train.py:
+--rerank, --features (re-evaluating saved features reproduces the saving run exactly), --by-camera, and
+cross-dataset evaluation."""
+import json
+
+import numpy as np
+import pytest
+
+import evaluation
+from test_test_cli import CPU, evaluate, run_main
+from test_train import checkpoint, run_script, trained, workspace
+
+THREE_TRIALS = ["--num-trials", "3"]
+
+
+def reevaluate(ws, features, *flags, output):
+    run_script("test.py", ["--features", *features, *flags, "--output", str(output)], cwd=ws.base)
+    with open(output) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def sysu_saved(tmp_path_factory):
+    """A SYSU all-search run with --by-camera that saved its features: (workspace, summary, npz path)."""
+    ws, _, _ = trained(tmp_path_factory, "sysu_irl")
+    folder = tmp_path_factory.mktemp("sysu_saved")
+    features = str(folder / "f.npz")
+    summary = evaluate(ws, "sysu", checkpoint(tmp_path_factory, "sysu_irl"), *THREE_TRIALS, "--by-camera",
+                       "--modes", "bn", "sum", "--save-features", features, output=folder / "run.json")
+    return ws, summary, features
+
+
+def test_saved_features_reproduce_the_run_exactly(sysu_saved, tmp_path):
+    ws, run, features = sysu_saved
+    again = reevaluate(ws, [features], "--by-camera", "--modes", "bn", "sum", output=tmp_path / "again.json")
+    assert again["per_trial"] == run["per_trial"]                    # every per-trial number, bit for bit
+    assert again["by_camera"] == run["by_camera"]
+    assert again["protocol"] == run["protocol"] and again["checkpoints"] == run["checkpoints"]
+    assert again["model"] == run["model"] and again["features"] == [features]
+    npz = np.load(features)
+    assert npz["query_bn"].dtype == np.float64 and str(npz["metric"]) == "sysu"
+    assert json.loads(str(npz["options"]))["protocol_options"]["mode"] == "all"
+
+
+def test_sysu_per_camera_table_names_the_low_light_cameras(sysu_saved):
+    _, run, _ = sysu_saved
+    cameras = run["by_camera"]
+    assert cameras["low_light_cameras"] == [3, 6]
+    for mode in ("bn", "sum"):
+        gallery = cameras["summary"][mode]["gallery"]
+        assert sorted(gallery["cameras"]) == ["1", "2", "4", "5"]
+        query = cameras["summary"][mode]["query"]
+        assert sorted(query["cameras"]) == ["3", "6"]
+        # Cam-3 queries ignore the cam-2 gallery: its numbers rest on the cam-6 queries alone, in every trial.
+        for trial in cameras["per_trial"][mode]:
+            assert trial["gallery"]["2"] is not None
+        rank1 = {cam: r["mean"]["Rank-1"] for cam, r in gallery["cameras"].items()}
+        gap = gallery["gap"]["Rank-1"]
+        assert gap["gap"] == pytest.approx(max(rank1.values()) - min(rank1.values()))
+        assert rank1[str(gap["best"])] == max(rank1.values()) and rank1[str(gap["worst"])] == min(rank1.values())
+        # A per-camera trial entry is the metric on that camera's gallery columns alone: Rank-1 within [0, 1].
+        for trial in cameras["per_trial"][mode]:
+            for result in trial["gallery"].values():
+                assert 0 <= result["cmc"][0] <= 1 and 0 < result["mAP"] <= 1
+
+
+def test_rerank_from_saved_features_is_labelled_and_moves_the_numbers(sysu_saved, tmp_path):
+    ws, run, features = sysu_saved
+    reranked = reevaluate(ws, [features], "--rerank", "--modes", "bn", "sum", output=tmp_path / "rr.json")
+    assert reranked["protocol"]["name"] == "sysu-all-single-rerank"
+    assert reranked["protocol"]["rerank"] == {"preset": "field", "k1": 20, "k2": 6, "lambda_value": 0.3}
+    assert reranked["per_trial"]["bn"] != run["per_trial"]["bn"]
+    tsme = reevaluate(ws, [features], "--rerank", "tsme", "--modes", "bn", output=tmp_path / "tsme.json")
+    assert tsme["protocol"]["name"] == "sysu-all-single-rerank-tsme"
+    custom = reevaluate(ws, [features], "--rerank", "10", "3", "0.5", "--modes", "bn", output=tmp_path / "c.json")
+    assert custom["protocol"]["name"] == "sysu-all-single-rerank-10-3-0.5"
+    # lambda 1 keeps only the original distance (2 - 2 cos, monotone in the similarity): the plain numbers.
+    original = reevaluate(ws, [features], "--rerank", "20", "6", "1", "--modes", "bn", output=tmp_path / "o.json")
+    for plain, kept in zip(run["per_trial"]["bn"], original["per_trial"]["bn"]):
+        assert kept["mAP"] == pytest.approx(plain["mAP"], abs=1e-6)
+
+
+def test_regdb_by_camera_says_one_camera_each_way(tmp_path_factory, tmp_path):
+    ws, _, _ = trained(tmp_path_factory, "regdb_t1")
+    summary = evaluate(ws, "regdb", checkpoint(tmp_path_factory, "regdb_t1"), "--by-camera", "--rerank",
+                       output=tmp_path / "regdb.json")
+    assert "one camera each way" in summary["by_camera"]["note"] and "summary" not in summary["by_camera"]
+    assert summary["protocol"]["name"] == "regdb-v2t-rerank"
+
+
+def test_llcm_per_camera_with_marked_cameras_and_features(tmp_path_factory, tmp_path):
+    ws, _, _ = trained(tmp_path_factory, "llcm_irl")
+    summary = evaluate(ws, "llcm", checkpoint(tmp_path_factory, "llcm_irl"), "--num-trials", "2", "--by-camera",
+                       "--low-light-cams", "2", "5", "8", "--modes", "sum", "--save-features",
+                       str(tmp_path / "llcm.npz"), output=tmp_path / "llcm.json")
+    cameras = summary["by_camera"]
+    assert cameras["low_light_cameras"] == [2, 5, 8]
+    assert sorted(cameras["summary"]["sum"]["gallery"]["cameras"], key=int) == [str(c) for c in range(1, 10)]
+    assert len(cameras["summary"]["sum"]["query"]["cameras"]) == 8      # NIR cam3 is not used
+    again = reevaluate(ws, [str(tmp_path / "llcm.npz")], "--by-camera", "--low-light-cams", "2", "5", "8",
+                       "--modes", "sum", output=tmp_path / "again.json")
+    assert again["per_trial"] == summary["per_trial"] and again["by_camera"] == summary["by_camera"]
+
+
+@pytest.mark.parametrize("dataset, flags", [("regdb", ["--trial", "1"]), ("llcm", ["--num-trials", "1"])])
+def test_cross_dataset_sysu_checkpoint(tmp_path_factory, tmp_path, dataset, flags):
+    ws, _, _ = trained(tmp_path_factory, "sysu_irl")
+    summary = evaluate(ws, dataset, checkpoint(tmp_path_factory, "sysu_irl"), "--allow-cross-dataset", *flags,
+                       output=tmp_path / "cross.json")
+    assert summary["dataset"] == dataset and summary["model"]["num_classes"] == 15
+    assert all(0 <= r["mAP"] <= 1 for r in summary["per_trial"][summary["protocol"]["modes"][0]])
+
+
+@pytest.mark.parametrize("case", ["rerank words", "rerank range", "features missing", "features with resume",
+                                  "features other images", "features without model", "no input"])
+def test_research_option_errors_are_one_line(sysu_saved, tmp_path, capsys, case):
+    ws, _, features = sysu_saved
+    argv, message = {
+        "rerank words": (["--features", features, "--rerank", "fast"], "expected a preset"),
+        "rerank range": (["--features", features, "--rerank", "20", "6", "2"], "lambda in [0, 1]"),
+        "features missing": (["--features", str(tmp_path / "none.npz")], "features file not found"),
+        "features with resume": (["--features", features, "--resume", "x.pth"], "--features replaces the model"),
+        "features other images": (["--features", features, "--mode", "indoor"], "saved with mode all"),
+        "features without model": (["--features", features, "--flip"], "holds features without flip"),
+        "no input": (["--dataset", "sysu"], "--resume"),
+    }[case]
+    code, err = run_main([*argv, *CPU], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_old_features_file_without_metric_is_refused(sysu_saved, tmp_path):
+    _, _, features = sysu_saved
+    with np.load(features) as npz:
+        arrays = {key: npz[key] for key in npz.files if key not in ("metric", "options")}
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(evaluation.FeaturesFileError, match="older test.py"):
+        evaluation.load_features(str(tmp_path / "old.npz"))
