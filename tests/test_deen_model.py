@@ -210,3 +210,51 @@ def test_whole_network_official_form_matches_ours_forward_and_backward():
     assert grads.keys() == grads_o.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], grads_o[k], rtol=1e-8, atol=1e-10, msg=k)
+
+
+class GoldenDropoutMask(torch.nn.Module):
+    """DEE's Dropout(0.01) with the golden's mask (its RNG draw is torch's): the listed elements zeroed, the
+    others scaled by float32(1 / 0.99) (README section 6.1)."""
+
+    def __init__(self, dropped_flat_idx):
+        super().__init__()
+        self.dropped = torch.from_numpy(dropped_flat_idx.astype(np.int64))
+
+    def forward(self, x):
+        keep = torch.ones(x.numel(), dtype=x.dtype)
+        keep[self.dropped] = 0
+        return x * keep.reshape(x.shape) * torch.tensor(1 / 0.99, dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_gradients_and_the_dropout_golden_reproduce(llcm_net, golden):
+    before = {k: v.clone() for k, v in llcm_net.state_dict().items()}
+    x1, x2 = torch.from_numpy(golden["input_train_x1"]), torch.from_numpy(golden["input_train_x2"])
+    l1, l2 = torch.from_numpy(golden["label1"]), torch.from_numpy(golden["label2"])
+    labels = torch.cat((l1, l2, l1, l2, l1, l2))
+    dropout = llcm_net.DEE.dropout
+    try:
+        llcm_net.train()
+        dropout.eval()
+        llcm_net.zero_grad()
+        sum(losses_of(*llcm_net(x1, x2), labels).values()).backward()
+        params = dict(llcm_net.named_parameters())
+        for name, norm in zip(golden["llcm__grad_param_names"], golden["llcm__grad_total_norms"]):
+            rtol = 5e-2 if name.startswith("MFA") else 5e-3
+            np.testing.assert_allclose(params[name].grad.norm().item(), norm, rtol=rtol, err_msg=name)
+        full = golden["llcm__grad_total_full_MFA1_PNL_W_1_weight"]
+        np.testing.assert_allclose(params["MFA1.PNL.W.1.weight"].grad.numpy(), full, atol=5e-2 * np.abs(full).max())
+        llcm_net.load_state_dict(before)
+        llcm_net.DEE.dropout = GoldenDropoutMask(golden["llcm__train_dropout_dropped_flat_idx"])
+        with torch.no_grad():
+            pool, logits, ort_raw = llcm_net(x1, x2)
+        np.testing.assert_allclose(pool.numpy(), golden["llcm__train_dropout_out0_pool"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(logits.numpy(), golden["llcm__train_dropout_out1_logits"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(ort_raw.item(), golden["llcm__train_dropout_out2_loss_ort_raw"], rtol=1e-5)
+        total = sum(losses_of(pool, logits, ort_raw, labels).values())
+        np.testing.assert_allclose(total.item(), golden["llcm__train_dropout_loss_total"], rtol=1e-5)
+    finally:
+        llcm_net.DEE.dropout = dropout
+        llcm_net.load_state_dict(before)
+        llcm_net.zero_grad(set_to_none=True)
+        llcm_net.eval()
