@@ -9,6 +9,7 @@ at start. Checkpoints (`<suffix>_last.pth` every epoch, `<suffix>_best.pth`, `<s
 hold everything needed for `--resume PATH` to continue exactly where a run stopped.
 """
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -37,7 +38,8 @@ import utils
 # Each method's official recipe is its table entry's `defaults` (methods.py); these fill the rest.
 COMMON_DEFAULTS = dict(dataset="sysu", method="irl", arch="resnet50", optim="SGD", backbone_lr_mult=0.1, trial=1,
                        seed=0, save_epoch=20, test_batch=64, workers=utils.default_workers(), mode="all", log_every=50, model_path="result/",
-                       log_path="result/", gpu="0", device=None, pretrained=True, val=False)
+                       log_path="result/", gpu="0", device=None, pretrained=True, val=False, channels_last=None,
+                       compile=False, deterministic=False)
 # A resumed run must keep these; anything else (paths, workers, device, ...) may change.
 RESUME_LOCKED = ("dataset", "method", "arch", "img_h", "img_w", "batch_size", "num_pos", "lr", "epochs",
                  "loss_tri", "margin", "lr_scheduler", "warmup_epochs", "milestones", "optim", "backbone_lr_mult",
@@ -105,6 +107,13 @@ def build_parser():
         help="a progress line every N training steps, on terminals and in logs alike (default 50)")
     add("--val", action="store_true", default=None,
         help="select the best checkpoint on held-out training identities instead of the test set")
+    # Speed on GPUs.
+    add("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
+        help="channels-last memory format for training and evaluation (default: on CUDA only)")
+    add("--compile", action="store_true", default=None,
+        help="torch.compile the training network (falls back to eager with one warning where unavailable)")
+    add("--deterministic", action="store_true", default=None,
+        help="deterministic cuDNN kernels (no cudnn.benchmark autotuning): slower, repeatable on GPUs")
     return p
 
 
@@ -321,9 +330,10 @@ EMULATED_BF16_SLOWDOWN = "measured about 15x slower"
 
 
 def init_distributed(config, log):
-    """(world_size, rank, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
+    """(world_size, rank, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPUs.
+    A torchrun job of one process is distributed too (DDP over one rank), so one GPU runs the NCCL path."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if "RANK" not in os.environ:
         return 1, 0, utils.resolve_device(config["device"], config["gpu"], logger=log)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = utils.resolve_device(config["device"], local_rank, logger=log)
@@ -333,12 +343,25 @@ def init_distributed(config, log):
     return world_size, rank, device
 
 
-def any_rank_true(flag, world_size):
-    if world_size == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
+def max_over_ranks(tensor, distributed):
+    """`tensor` reduced in place to its element-wise maximum over all processes. The collective runs on the
+    tensor's own device, which must be the run's device: NCCL rejects CPU tensors."""
+    if distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def compile_unavailable_reason(device):
+    """Why torch.compile cannot run on `device` here, or None when it can."""
+    import shutil
+    import torch._dynamo
+    if not torch._dynamo.is_dynamo_supported():
+        return f"TorchDynamo does not support Python {sys.version.split()[0]}"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed"
+    compilers = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    return None if any(c and shutil.which(c) for c in compilers) else "no C++ compiler found for CPU kernels"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,51 +375,105 @@ class Run:
         self.__dict__.update(kw)
 
 
-def train_one_epoch(run, epoch):
+class EpochMeters:
+    """Sums of the loss terms and of the correct predictions, kept on the device, and the first step whose
+    loss was not finite: updating them never waits for the device; `read` does, once.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.sums = {}                    # name -> float64 tensor: sum over images (loss, terms, acc)
+        self.images = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, step, total, terms, logits, labels):
+        n = labels.numel()
+        total = total.detach().double()
+        named = {"loss": total * n, **{name: value.detach().double() * n for name, value in terms.items()},
+                 "acc": (logits.detach().argmax(1) == labels).sum().double()}
+        for name, value in named.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.images += n
+        first = torch.logical_and(~torch.isfinite(total), self.first_bad_step < 0)
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+        self.first_bad_loss = torch.where(first, total, self.first_bad_loss)
+
+    def read(self, distributed):
+        """({name: average over the images so far}, first non-finite step on this process or -1, its loss,
+        whether any process has met a non-finite loss): one device synchronisation, one all-reduce."""
+        any_bad = max_over_ranks((self.first_bad_step >= 0).to(torch.int64).reshape(1), distributed)
+        values = torch.cat([torch.stack(list(self.sums.values())), self.first_bad_loss.reshape(1),
+                            self.first_bad_step.double().reshape(1), any_bad.double()]).tolist()
+        averages = {name: value / self.images for name, value in zip(self.sums, values)}
+        return averages, int(values[-2]), values[-3], bool(values[-1])
+
+
+def mixed_precision(run):
+    """The autocast context of the run's AMP setting (none without AMP: no device-type lookup at all)."""
+    if run.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=run.device.type, dtype=run.amp_dtype)
+
+
+def build_train_loader(run):
+    """The training DataLoader of the whole run: its workers persist across epochs and get each epoch's
+    plan with the items (utils.RunSampler, utils.PlannedPairs); pinned memory on CUDA."""
     cfg, data = run.config, run.data
-    sampler = utils.IdentitySampler(data.rgb_labels, data.ir_labels, data.color_pos, data.thermal_pos,
-                                    cfg["num_pos"], cfg["batch_size"], epoch,
-                                    num_replicas=run.world_size, rank=run.rank)
-    data.dataset.cIndex, data.dataset.tIndex = sampler.index1, sampler.index2
-    loader = DataLoader(data.dataset, batch_size=cfg["batch_size"] * cfg["num_pos"], sampler=sampler,
-                        num_workers=cfg["workers"], drop_last=True, pin_memory=run.device.type == "cuda")
-    label_map = torch.from_numpy(data.label_map)
-    meters = {k: utils.AverageMeter() for k in ("loss", "acc")}
+    sampler = utils.RunSampler(data.rgb_labels, data.ir_labels, data.color_pos, data.thermal_pos, cfg["num_pos"],
+                               cfg["batch_size"], num_replicas=run.world_size, rank=run.rank)
+    # The loader's own base-seed draw goes to a private generator: RunSampler.set_epoch draws the
+    # worker seed from the global RNG instead, once per epoch, as a per-epoch loader did.
+    return DataLoader(utils.PlannedPairs(data.dataset), batch_size=cfg["batch_size"] * cfg["num_pos"],
+                      sampler=sampler, num_workers=cfg["workers"], drop_last=True,
+                      pin_memory=run.device.type == "cuda", persistent_workers=cfg["workers"] > 0,
+                      generator=torch.Generator())
+
+
+def train_one_epoch(run, epoch):
+    """One epoch without host synchronisation between the --log-every checkpoints of the step loop: the
+    meters stay on the device, and a non-finite loss is seen at the next log step (at most --log-every - 1
+    updates later, and always before the epoch's checkpoint is written)."""
+    cfg, loader = run.config, run.loader
+    loader.sampler.set_epoch(epoch)
+    label_map = torch.from_numpy(run.data.label_map).to(run.device)
+    meters = EpochMeters(run.device)
     run.net.train()
     lr = group_lrs(run.optimizer)
     # Progress bar with ETA on an interactive terminal; a line every --log-every steps everywhere.
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs'] - 1}", leave=False, dynamic_ncols=True,
                disable=run.rank != 0 or not sys.stderr.isatty())
-    start, images = time.time(), 0
+    start = time.time()
     for step, batch in enumerate(bar):
         *views, l_rgb, l_ir = batch
-        l_rgb, l_ir = label_map[l_rgb.long()], label_map[l_ir.long()]
-        labels = run.method.train_labels(l_rgb, l_ir).to(run.device)
-        views = [v.to(run.device, non_blocking=True) for v in views]
-        with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        l_rgb = label_map[l_rgb.to(run.device, non_blocking=True).long()]
+        l_ir = label_map[l_ir.to(run.device, non_blocking=True).long()]
+        labels = run.method.train_labels(l_rgb, l_ir)
+        views = [v.to(run.device, non_blocking=True, memory_format=run.memory_format) for v in views]
+        with mixed_precision(run):
             outputs = run.method.forward_train(run.net, views)
             terms = training_loss(run, outputs, labels)
             total = sum(terms.values())
-        if any_rank_true(not torch.isfinite(total.detach()).item(), run.world_size):
-            raise NonFiniteLossError(f"training loss is {total.item()} at epoch {epoch}, batch {step}: stopped "
-                                     f"without saving; last good checkpoint: {run.last_good or 'none yet'}")
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(total).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        n = labels.numel()
-        images += n
-        meters["loss"].update(total.item(), n)
-        for name, value in terms.items():
-            meters.setdefault(name, utils.AverageMeter()).update(value.item(), n)
-        logits = run.method.classification_logits(outputs)
-        meters["acc"].update((logits.argmax(1) == labels).float().mean().item(), n)
-        bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{100 * meters['acc'].avg:.1f}%")
-        if run.rank == 0 and ((step + 1) % cfg["log_every"] == 0 or step + 1 == len(loader)):
-            run.log.info(step_line(run, epoch, step + 1, len(loader), meters, images, time.time() - start))
+        meters.update(step, total, terms, run.method.classification_logits(outputs), labels)
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == len(loader):
+            averages, bad_step, bad_loss, any_bad = meters.read(run.distributed)
+            if any_bad:
+                where = (f"is {bad_loss} at epoch {epoch}, batch {bad_step}" if bad_step >= 0 else
+                         f"became non-finite on another process by epoch {epoch}, batch {step}")
+                raise NonFiniteLossError(f"training loss {where}: stopped without saving; last good "
+                                         f"checkpoint: {run.last_good or 'none yet'}")
+            bar.set_postfix(loss=f"{averages['loss']:.3f}", acc=f"{100 * averages['acc']:.1f}%")
+            if run.rank == 0:
+                run.log.info(step_line(run, epoch, step + 1, len(loader), averages, meters.images,
+                                       time.time() - start))
     bar.close()
-    return {"lr": lr["backbone"], "lr_groups": lr, "loss": meters.pop("loss").avg, "acc": meters.pop("acc").avg,
-            "loss_terms": {name: m.avg for name, m in meters.items()}, "batches": len(loader)}
+    loss, acc = averages.pop("loss"), averages.pop("acc")
+    return {"lr": lr["backbone"], "lr_groups": lr, "loss": loss, "acc": acc, "loss_terms": averages,
+            "batches": len(loader)}
 
 
 def loss_terms_text(terms):
@@ -408,14 +485,14 @@ def group_lrs(optimizer):
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
 
 
-def step_line(run, epoch, step, steps, meters, images, elapsed):
+def step_line(run, epoch, step, steps, averages, images, elapsed):
     """One progress line: position, running losses and accuracy, throughput, ETA of the epoch and the run."""
     cfg = run.config
     epoch_eta = elapsed / step * (steps - step)
     run_eta = epoch_eta + elapsed / step * steps * (cfg["epochs"] - 1 - epoch)
-    terms = {name: m.avg for name, m in meters.items() if name not in ("loss", "acc")}
-    return (f"epoch {epoch}/{cfg['epochs'] - 1} step {step}/{steps}: loss {meters['loss'].avg:.4f} "
-            f"({loss_terms_text(terms)}) acc {100 * meters['acc'].avg:.2f}%, "
+    terms = {name: value for name, value in averages.items() if name not in ("loss", "acc")}
+    return (f"epoch {epoch}/{cfg['epochs'] - 1} step {step}/{steps}: loss {averages['loss']:.4f} "
+            f"({loss_terms_text(terms)}) acc {100 * averages['acc']:.2f}%, "
             f"{images * run.world_size / elapsed:.1f} img/s, "
             f"ETA epoch {utils.format_seconds(epoch_eta)}, run {utils.format_seconds(run_eta)} (training only)")
 
@@ -529,7 +606,9 @@ def setup_run(args):
     if not ckpt:
         refuse_to_overwrite_another_run(paths["last"], config)
     world_size, rank, device = init_distributed(config, log)
-    utils.set_seed(config["seed"])
+    if config["channels_last"] is None:
+        config["channels_last"] = device.type == "cuda"
+    utils.set_seed(config["seed"], deterministic=bool(config["deterministic"]))
     data, val_protocol = build_train_data(config)
     config["num_classes"] = data.num_classes
     if ckpt and ckpt["config"].get("num_classes") != data.num_classes:
@@ -540,21 +619,30 @@ def setup_run(args):
         if rank == 0 else None
     method = methods.get(config["method"])
     net = method.build_model(data.num_classes, config["arch"], config["img_h"],
-                             config["img_w"], pretrained=pretrained_arg(config, ckpt is not None)).to(device)
+                             config["img_w"], pretrained=pretrained_arg(config, ckpt is not None))
+    memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
+    net = net.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
                                 momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))
     amp_dtype = autocast_dtype(config["amp"], device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    run = Run(config=config, sources=sources, world_size=world_size, rank=rank, device=device, suffix=suffix,
+    run = Run(config=config, sources=sources, world_size=world_size, distributed=dist.is_initialized(), rank=rank, device=device, suffix=suffix,
               paths=paths, log=log, data=data, protocol=protocol, bare_net=net, net=net, optimizer=optimizer,
               scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, method=method, criterion=method.build_criterion(config),
-              start_epoch=0, best_metric=-1.0, best_epoch=-1, last_good=None, tb=None)
+              memory_format=memory_format, start_epoch=0, best_metric=-1.0, best_epoch=-1, last_good=None, tb=None)
+    run.loader = build_train_loader(run)
     if ckpt:
         restore_training_state(run, ckpt, resume_path)
-    if world_size > 1:
+    if run.distributed:
         run.net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    if config["compile"]:
+        reason = compile_unavailable_reason(device)
+        if reason:
+            log.warning(f"warning: --compile unavailable here ({reason}): training without torch.compile")
+        else:
+            run.net = torch.compile(run.net)
     return run, (ckpt["rng"] if ckpt else None)    # the rest of the checkpoint is loaded; let it go
 
 
@@ -615,7 +703,7 @@ def train(args):
                      f"acc {100 * stats['acc']:.2f}% "
                      f"[{stats['batches']} batches, {stats['seconds']:.1f}s]")
             end_of_epoch(run, epoch, stats)
-        if run.world_size > 1:
+        if run.distributed:
             dist.barrier()
     if run.rank == 0:
         trained = cfg["epochs"] - run.start_epoch

@@ -156,6 +156,74 @@ class IdentitySampler(Sampler):
         return self.batches_per_rank * self.batch_size * self.num_pos
 
 
+class RunSampler(Sampler):
+    """The identity sampler of a whole run, for a DataLoader (and its workers) built once per run.
+
+    `set_epoch(epoch)` draws the epoch's plan exactly as constructing an `IdentitySampler` does (numpy's
+    global RNG, official order), then one int64 from torch's global RNG as the epoch's worker seed, where a
+    DataLoader built per epoch drew its base seed: the random streams advance as they did with one loader
+    per epoch. It yields `(rgb index, ir index, worker seed)` items for `PlannedPairs`, so workers that
+    live across epochs receive each epoch's plan with the items instead of holding a stale copy of it.
+    """
+
+    def __init__(self, train_color_label, train_thermal_label, color_pos, thermal_pos, num_pos, batchSize, *,
+                 num_replicas=1, rank=0):
+        _validate_sampler_args(train_color_label, train_thermal_label, color_pos, thermal_pos,
+                               num_pos, batchSize, num_replicas, rank)
+        self.plan_args = (train_color_label, train_thermal_label, color_pos, thermal_pos, num_pos, batchSize)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.plan, self.worker_seed = None, None
+
+    def set_epoch(self, epoch):
+        self.plan = IdentitySampler(*self.plan_args, epoch, num_replicas=self.num_replicas, rank=self.rank)
+        self.worker_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        return self.plan
+
+    def __iter__(self):
+        if self.plan is None:
+            raise RuntimeError("RunSampler: call set_epoch(epoch) before each epoch")
+        for position in self.plan:
+            yield int(self.plan.index1[position]), int(self.plan.index2[position]), self.worker_seed
+
+    def __len__(self):
+        if self.plan is None:
+            raise RuntimeError("RunSampler: call set_epoch(epoch) before each epoch")
+        return len(self.plan)
+
+
+def seed_like_a_new_worker(base_seed, worker_id):
+    """Seed python, torch and numpy as torch's DataLoader seeds a freshly started worker process."""
+    from torch.utils.data._utils.worker import _generate_state   # the numpy seed torch's worker loop uses
+    random.seed(base_seed + worker_id)
+    torch.manual_seed(base_seed + worker_id)
+    np.random.seed(_generate_state(base_seed, worker_id))
+
+
+class PlannedPairs(torch.utils.data.Dataset):
+    """A paired training set (cIndex/tIndex plans, data_loader._PairedTrainData) indexed by the items of
+    `RunSampler`: (rgb index, ir index, worker seed).
+
+    A worker that meets a new epoch's seed first re-seeds itself as a worker started for that epoch would
+    be, so persistent workers draw the same augmentations as the per-epoch workers of the official loop.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.seeded_with = None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        rgb_index, ir_index, worker_seed = item
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker_seed != self.seeded_with:
+            seed_like_a_new_worker(worker_seed, worker.id)
+            self.seeded_with = worker_seed
+        self.dataset.cIndex, self.dataset.tIndex = (rgb_index,), (ir_index,)
+        return self.dataset[0]
+
+
 class AverageMeter:
     """Running average of a scalar (val = last value, avg = sum / count)."""
 
