@@ -32,7 +32,7 @@ import pre_process_sysu  # noqa: E402
 import utils  # noqa: E402
 from tools import make_synthetic  # noqa: E402
 
-SUFFIX_GLOB = "_last.pth"
+LAST_SUFFIX = "_last.pth"
 
 
 def load_train_script():
@@ -137,7 +137,7 @@ def metrics(folder):
 
 
 def last_checkpoint(folder):
-    (name,) = [n for n in os.listdir(folder) if n.endswith(SUFFIX_GLOB)]
+    (name,) = [n for n in os.listdir(folder) if n.endswith(LAST_SUFFIX)]
     return os.path.join(folder, name)
 
 
@@ -157,7 +157,7 @@ def resume_check(root, base, flags, common):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=base,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and not (os.path.isdir(last) and any(n.endswith(SUFFIX_GLOB) for n in os.listdir(last))):
+        while proc.poll() is None and not (os.path.isdir(last) and any(n.endswith(LAST_SUFFIX) for n in os.listdir(last))):
             time.sleep(0.02)
         proc.kill()
     finally:
