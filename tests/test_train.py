@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -257,14 +258,32 @@ def test_llcm_irl_run_evaluates_ir_to_visible(tmp_path_factory):
     assert os.path.isfile(checkpoint(tmp_path_factory, "llcm_irl", "best"))
 
 
-def test_killed_run_resumed_ends_with_the_same_weights(tmp_path_factory):
-    ws, _, seconds = trained(tmp_path_factory, "regdb_t1")          # uninterrupted: 2 epochs
-    print(f"regdb IRL 2 epochs: {seconds:.1f}s")
-    model_path = ws.model_path("regdb_resume")
-    args = ws.train_args("regdb", "regdb_resume", RUNS["regdb_t1"][2])
-    args[args.index("--log_path") + 1] = os.path.join(ws.base, "logs", "regdb_resume")
-    last = os.path.join(model_path, f"{suffix_of('regdb_t1')}_last.pth")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ws.base,
+def code_snapshot(dest):
+    """A copy of the toolkit's modules: runs compared bitwise must run the same code, and the working tree
+    may change between them (several people edit it while the suite runs)."""
+    os.makedirs(dest)
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(ROOT, name), dest)
+    return os.path.join(dest, "train.py")
+
+
+def test_killed_run_resumed_ends_with_the_same_weights(tmp_path_factory, tmp_path):
+    ws = workspace(tmp_path_factory)
+    train = code_snapshot(str(tmp_path / "code"))
+    extra = RUNS["regdb_t1"][2]                                      # 2 epochs
+
+    def args(folder):
+        argv = ws.train_args("regdb", folder, extra)
+        argv[argv.index("--model_path") + 1] = str(tmp_path / "runs" / folder)
+        argv[argv.index("--log_path") + 1] = str(tmp_path / "logs" / folder)
+        return argv
+
+    start = time.time()
+    run_script(train, args("straight"), cwd=ws.base)
+    print(f"regdb AGW 2 epochs: {time.time() - start:.1f}s")
+    last = str(tmp_path / "runs" / "resumed" / f"{suffix_of('regdb_t1')}_last.pth")
+    proc = subprocess.Popen([sys.executable, train, *args("resumed")], cwd=ws.base,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=SCRIPT_ENV)
     try:
         while not os.path.exists(last) and proc.poll() is None:     # kill once epoch 0 is saved
@@ -273,16 +292,16 @@ def test_killed_run_resumed_ends_with_the_same_weights(tmp_path_factory):
     finally:
         proc.wait()
     assert utils.load_torch_file(last)["epoch"] in (0, 1)
-    resumed = run_script("train.py", ["--resume", last, "--workers", "0", "--device", "cpu"], cwd=ws.base)
+    resumed = run_script(train, ["--resume", last, "--workers", "0", "--device", "cpu"], cwd=ws.base)
     assert "Resuming" in resumed.stdout
-    straight = utils.load_torch_file(checkpoint(tmp_path_factory, "regdb_t1", "last"))
+    straight = utils.load_torch_file(str(tmp_path / "runs" / "straight" / f"{suffix_of('regdb_t1')}_last.pth"))
     final = utils.load_torch_file(last)
     assert final["epoch"] == straight["epoch"] == 1
     assert straight["model"].keys() == final["model"].keys()
     different = [k for k in straight["model"] if not torch.equal(straight["model"][k], final["model"][k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
     assert final["best_epoch"] == straight["best_epoch"]
-    with open(os.path.join(ws.base, "logs", "regdb_resume", f"{suffix_of('regdb_t1')}_metrics.jsonl")) as f:
+    with open(tmp_path / "logs" / "resumed" / f"{suffix_of('regdb_t1')}_metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [0, 1]
 
 
