@@ -146,3 +146,19 @@ def test_the_run_sampler_needs_an_epoch_first():
     sampler = utils.RunSampler(labels, labels, color_pos, thermal_pos, 2, 2)
     with pytest.raises(RuntimeError, match="set_epoch"):
         iter(sampler).__next__()
+
+
+def test_channels_last_is_off_by_default_on_the_cpu_and_applies_to_weights_and_inputs(tmp_path_factory, tmp_path):
+    assert setup_regdb_run(tmp_path_factory, tmp_path).config["channels_last"] is False
+    run = setup_regdb_run(tmp_path_factory, tmp_path, "--channels-last")
+    assert run.memory_format is torch.channels_last
+    conv = run.bare_net.state_dict()["base_resnet.base.layer1.0.conv1.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_compile_where_unavailable_warns_once_and_trains_uncompiled(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_script, "compile_unavailable_reason", lambda device: "no C++ compiler found")
+    run = setup_regdb_run(tmp_path_factory, tmp_path, "--compile")
+    out = capsys.readouterr().out
+    assert out.count("--compile unavailable here (no C++ compiler found)") == 1
+    assert run.net is run.bare_net
