@@ -506,8 +506,9 @@ def mode_embedding(feats, mode):
         raise ValueError(f"unknown similarity mode {mode!r}; expected one of {tuple(MODE_WEIGHTS)}")
     weights = MODE_WEIGHTS[mode]
     total = sum(weights.values())
-    return np.concatenate([np.sqrt(weight / total) * np.asarray(feats[key]) for key, weight in weights.items()],
-                          axis=1)
+    # A Python float scale keeps the features' dtype (a numpy float64 scalar would promote float32 ones).
+    return np.concatenate([float(np.sqrt(weight / total)) * np.asarray(feats[key])
+                           for key, weight in weights.items()], axis=1)
 
 
 def evaluate_by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank=20):

@@ -54,7 +54,8 @@ def reranked_distance(k1, k2, lambda_value):
     go in as float32: re_ranking squares the distances into float32 anyway, and its three input matrices are
     then half the size (at the LLCM size 7,000 + 3,500 items: 340 MB instead of 690 MB)."""
     def distance(row_feats, column_feats, mode):
-        rows, columns = (eval_metrics.mode_embedding(feats, mode).astype(np.float32)
+        rows, columns = (eval_metrics.mode_embedding({key: np.asarray(feats[key], dtype=np.float32)
+                                                      for key in eval_metrics.MODE_WEIGHTS[mode]}, mode)
                          for feats in (row_feats, column_feats))
         return rerank.re_ranking(*rerank.feature_distances(rows, columns), k1, k2, lambda_value)
     return distance

@@ -7,14 +7,29 @@ import numpy as np
 import pytest
 
 import evaluation
-from test_test_cli import CPU, evaluate, run_main
-from test_train import checkpoint, run_script, trained, workspace
+from test_test_cli import CPU, run_main, test_script
+from test_train import checkpoint, trained
 
 THREE_TRIALS = ["--num-trials", "3"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def in_process_threads(single_thread):
+    """test.py runs in this process here (saves an interpreter and a torch import per run): one thread, as the
+    subprocess runs of tests/test_test_cli.py get through OMP_NUM_THREADS."""
+
+
+def evaluate(ws, dataset, resume, *flags, output):
+    """test.py on a checkpoint, in this process; its JSON."""
+    assert test_script.main(["--dataset", dataset, "--data-path", ws.data[dataset], "--resume", resume, *CPU,
+                             "--output", str(output), *flags]) == 0
+    with open(output) as f:
+        return json.load(f)
+
+
 def reevaluate(ws, features, *flags, output):
-    run_script("test.py", ["--features", *features, *flags, "--output", str(output)], cwd=ws.base)
+    """test.py --features in this process (no model, no images: nothing worth a fresh interpreter)."""
+    assert test_script.main(["--features", *features, *flags, "--output", str(output)]) == 0
     with open(output) as f:
         return json.load(f)
 
@@ -70,14 +85,23 @@ def test_rerank_from_saved_features_is_labelled_and_moves_the_numbers(sysu_saved
     assert reranked["protocol"]["name"] == "sysu-all-single-rerank"
     assert reranked["protocol"]["rerank"] == {"preset": "field", "k1": 20, "k2": 6, "lambda_value": 0.3}
     assert reranked["per_trial"]["bn"] != run["per_trial"]["bn"]
-    tsme = reevaluate(ws, [features], "--rerank", "tsme", "--modes", "bn", output=tmp_path / "tsme.json")
-    assert tsme["protocol"]["name"] == "sysu-all-single-rerank-tsme"
-    custom = reevaluate(ws, [features], "--rerank", "10", "3", "0.5", "--modes", "bn", output=tmp_path / "c.json")
-    assert custom["protocol"]["name"] == "sysu-all-single-rerank-10-3-0.5"
     # lambda 1 keeps only the original distance (2 - 2 cos, monotone in the similarity): the plain numbers.
     original = reevaluate(ws, [features], "--rerank", "20", "6", "1", "--modes", "bn", output=tmp_path / "o.json")
     for plain, kept in zip(run["per_trial"]["bn"], original["per_trial"]["bn"]):
         assert kept["mAP"] == pytest.approx(plain["mAP"], abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, name", [(["--rerank"], "sysu-all-single-rerank"),
+                                         (["--rerank", "field"], "sysu-all-single-rerank"),
+                                         (["--rerank", "tsme"], "sysu-all-single-rerank-tsme"),
+                                         (["--rerank", "31", "19", "0.3"], "sysu-all-single-rerank-tsme"),
+                                         (["--rerank", "10", "3", "0.5"], "sysu-all-single-rerank-10-3-0.5"),
+                                         (["--flip", "--rerank"], "sysu-all-single-flip-rerank")])
+def test_rerank_names(flags, name):
+    args = test_script.build_parser().parse_args(["--resume", "x.pth", *flags])
+    test_script.resolve_defaults(args)
+    assert test_script.protocol_name(args) == name
+    assert test_script.mode_labels(args)["bn"].endswith("+ re-ranked")
 
 
 def test_regdb_by_camera_says_one_camera_each_way(tmp_path_factory, tmp_path):
@@ -102,7 +126,8 @@ def test_llcm_per_camera_with_marked_cameras_and_features(tmp_path_factory, tmp_
     assert again["per_trial"] == summary["per_trial"] and again["by_camera"] == summary["by_camera"]
 
 
-@pytest.mark.parametrize("dataset, flags", [("regdb", ["--trial", "1"]), ("llcm", ["--num-trials", "1"])])
+@pytest.mark.parametrize("dataset, flags", [("regdb", ["--trial", "1"]),
+                                           pytest.param("llcm", ["--num-trials", "1"], marks=pytest.mark.slow)])
 def test_cross_dataset_sysu_checkpoint(tmp_path_factory, tmp_path, dataset, flags):
     ws, _, _ = trained(tmp_path_factory, "sysu_irl")
     summary = evaluate(ws, dataset, checkpoint(tmp_path_factory, "sysu_irl"), "--allow-cross-dataset", *flags,
