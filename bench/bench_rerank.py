@@ -12,6 +12,10 @@ last column, and its loops hours. Times are the best of 3 calls at the small siz
 large one; peak = the most memory allocated at once during one more, traced, call (tracemalloc,
 which numpy reports its buffers to), the float32 result included, the inputs not.
 The script fails if ours and the literal form differ by more than 1e-6 anywhere.
+
+The last rows time what `test.py --rerank` runs per trial and similarity mode at the LLCM size:
+evaluation.reranked_distance from 2048-d float64 pool and bn features (the `sum` mode concatenates them into
+4096-d unit vectors), feature distances included; peak as above, the features not counted.
 """
 import argparse
 import os
@@ -24,12 +28,14 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import numpy as np  # noqa: E402
 
+from evaluation import reranked_distance  # noqa: E402
 from rerank import RERANK_PRESETS, feature_distances, re_ranking  # noqa: E402
 from test_rerank import identity_features, literal_re_ranking  # noqa: E402
 
 LITERAL_SIZE, LARGE_SIZE = (600, 400), (7000, 3500)
 QUICK_LITERAL_SIZE, QUICK_LARGE_SIZE = (150, 100), (1500, 750)
 NUM_IDS, FEATURE_DIM = 351, 128
+NETWORK_FEATURE_DIM = 2048     # pool and bn features of the ResNet-50 networks
 
 
 def timed(fn, args, kwargs, repeats):
@@ -94,6 +100,17 @@ def main(argv=None):
             else:
                 line += f"{'not run':>11}{f'~{literal_dense_gb(*size) * 1024:.0f}':>12}"
             print(line)
+    print(f"\ntest.py --rerank per trial and mode: {NETWORK_FEATURE_DIM}-d float64 pool + bn features")
+    print(f"{'queries x gallery':>18}{'mode':>7}{'preset':>7}{'s':>8}{'peak MB':>9}")
+    query, gallery = ({}, {})
+    for key in ("pool", "bn"):
+        query[key], gallery[key], _, _ = identity_features(rng, *large_size, num_ids=NUM_IDS,
+                                                           dim=NETWORK_FEATURE_DIM, noise=1.0)
+    for mode in ("bn", "sum"):
+        distance = reranked_distance(**RERANK_PRESETS["field"])
+        _, seconds = timed(distance, (query, gallery, mode), {}, repeats=1)
+        print(f"{f'{large_size[0]} x {large_size[1]}':>18}{mode:>7}{'field':>7}{seconds:>8.2f}"
+              f"{peak_mb(distance, (query, gallery, mode), {}):>9.0f}")
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0
