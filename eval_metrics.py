@@ -31,7 +31,11 @@ _BLOCK_ELEMENTS = 1 << 20
 # more per item). bench/bench_metrics.py timed 0.05 ... 0.5 alike within noise.
 _SPARSE_CANDIDATE_FRACTION = 0.2
 
-SIMILARITY_MODES = ("pool", "bn", "sum", "weighted")
+# The named features each similarity mode weighs, and their weights: similarity(mode) is the weighted sum of
+# the features' cosine similarities, in this order. A method-specific fusion is one more entry.
+MODE_WEIGHTS = {"pool": {"pool": 1.0}, "bn": {"bn": 1.0}, "sum": {"pool": 1.0, "bn": 1.0},
+                "weighted": {"pool": 0.1, "bn": 0.9}}
+SIMILARITY_MODES = tuple(MODE_WEIGHTS)
 
 
 def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stable_sort=False):
@@ -477,25 +481,21 @@ def similarity(qf, gf, mode):
     """
     if mode not in SIMILARITY_MODES:
         raise ValueError(f"unknown similarity mode {mode!r}; expected one of {SIMILARITY_MODES}")
-    needed = ("pool", "bn") if mode in ("sum", "weighted") else (mode,)
+    weights = MODE_WEIGHTS[mode]
     for name, feats in (("query", qf), ("gallery", gf)):
-        missing = [key for key in needed if key not in feats]
+        missing = [key for key in weights if key not in feats]
         if missing:
             raise ValueError(f"similarity mode {mode!r} needs {name} features {missing}")
-    sims = {key: np.matmul(qf[key], np.transpose(gf[key])) for key in needed}
-    if mode == "sum":
-        return sims["pool"] + sims["bn"]
-    if mode == "weighted":
-        return 0.1 * sims["pool"] + 0.9 * sims["bn"]
-    return sims[mode]
+    total = None
+    for key, weight in weights.items():
+        term = np.matmul(qf[key], np.transpose(gf[key]))
+        if weight != 1.0:                       # x 1.0 is exact: skipping it saves a pass over the matrix
+            term = weight * term
+        total = term if total is None else total + term
+    return total
 
 
 _METRICS = {"sysu": eval_sysu, "regdb": eval_regdb, "llcm": eval_llcm}
-
-# The named features each similarity mode weighs, and their weights: similarity(mode) is the weighted sum
-# of the features' cosine similarities.
-MODE_WEIGHTS = {"pool": {"pool": 1.0}, "bn": {"bn": 1.0}, "sum": {"pool": 1.0, "bn": 1.0},
-                "weighted": {"pool": 0.1, "bn": 0.9}}
 
 
 def mode_embedding(feats, mode):
@@ -503,7 +503,7 @@ def mode_embedding(feats, mode):
     like the mode: the mode's L2-normalised features concatenated, each scaled by sqrt(weight / total).
     Re-ranking needs one feature per item; this is that feature for the fused modes."""
     if mode not in MODE_WEIGHTS:
-        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {tuple(MODE_WEIGHTS)}")
+        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {SIMILARITY_MODES}")
     weights = MODE_WEIGHTS[mode]
     total = sum(weights.values())
     # A Python float scale keeps the features' dtype (a numpy float64 scalar would promote float32 ones).
