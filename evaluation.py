@@ -57,6 +57,9 @@ def reranked_distance(k1, k2, lambda_value):
         rows, columns = (eval_metrics.mode_embedding({key: np.asarray(feats[key], dtype=np.float32)
                                                       for key in eval_metrics.MODE_WEIGHTS[mode]}, mode)
                          for feats in (row_feats, column_feats))
+        if not (np.isfinite(rows).all() and np.isfinite(columns).all()):
+            raise utils.ConfigError("re-ranking needs finite features, and some are not (see the warning above): "
+                                    "evaluate without --rerank")
         return rerank.re_ranking(*rerank.feature_distances(rows, columns), k1, k2, lambda_value)
     return distance
 

@@ -183,3 +183,15 @@ def test_summary_over_trials_and_gap():
     assert summary["query"]["gap"]["mAP"] is None                                   # one camera: no gap
     table = evaluation.by_camera_table({"bn": summary}, ["bn"], "t", low_light=(2,))
     assert "cam2 (low-light)" in table and "62.50 (cam2-cam1)" in table and "cam3" not in table
+
+
+def test_reranking_non_finite_features_is_a_one_line_config_error():
+    import utils
+    rng = np.random.default_rng(7)
+    query = {"bn": unit_rows(rng, 3, 4)}
+    gallery = {"bn": unit_rows(rng, 5, 4)}
+    distance = evaluation.reranked_distance(k1=2, k2=1, lambda_value=0.3)
+    assert distance(query, gallery, "bn").shape == (3, 5)
+    query["bn"][1, 0] = np.nan
+    with pytest.raises(utils.ConfigError, match="re-ranking needs finite features"):
+        distance(query, gallery, "bn")
