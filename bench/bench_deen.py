@@ -29,19 +29,11 @@ import torch  # noqa: E402
 
 import methods  # noqa: E402
 import model as M  # noqa: E402
+from bench_model import ALLOCATOR_ENV, reset_peak_resident, resident_kb  # noqa: E402   the IRL/AGW bench's reading
 
 VARIANTS = ("official", "ours")
 NUM_CLASSES = 395
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 MFA_BN_WEIGHT = re.compile(r"MFA\d\.(CNL|PNL)\.W\.1\.weight")
-
-
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(args):
@@ -77,9 +69,8 @@ def child(args):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")               # resets VmHWM to the current resident set
-        base = status_kb("VmRSS") * 1024
+        reset_peak_resident()          # VmHWM back to the current resident set
+        base = resident_kb("VmRSS") * 1024
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -87,7 +78,7 @@ def child(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else status_kb("VmHWM") * 1024) - base
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else resident_kb("VmHWM") * 1024) - base
     torch.save(first_pool, args.out)
     print(json.dumps({"step_s": statistics.median(times), "peak_mb": peak / 2**20}))
 
