@@ -13,7 +13,6 @@ import torchvision.transforms as T
 import data_loader as dl
 import loss as losses
 import model_deen
-import utils
 from data_loader import IR, RGB
 from method_base import Method
 from utils import ConfigError
@@ -23,22 +22,6 @@ ORT_WEIGHT = 0.01
 # RandomErasing area range (sl, sh) of DEEN's SYSU loader; its RegDB and LLCM loaders use (0.02, 0.4).
 ERASING_AREA = {"sysu": (0.2, 0.8)}
 OTHER_ERASING_AREA = (0.02, 0.4)
-
-
-def deen_lr_factor(epoch):
-    """DEEN train.py adjust_learning_rate: (e+1)/10 for 10 epochs, 1 until 20, x0.1 until 80, then x0.01
-    (its x0.001 branch from epoch 120 is unreachable, METHODS.md 1.3)."""
-    if epoch < 10:
-        return (epoch + 1) / 10
-    if epoch < 20:
-        return 1.0
-    if epoch < 80:
-        return 0.1
-    return 0.01
-
-
-# Registered beside AGW's fixed schedule so that --lr_scheduler deen is a train.py choice.
-utils.FIXED_LR_SCHEDULES.setdefault("deen", deen_lr_factor)
 
 
 class DEENLoss:

@@ -149,9 +149,11 @@ def resolve_config(args, saved=None):
     validate_config(config)
     if config["lr_scheduler"] in utils.FIXED_LR_SCHEDULES and "flag" in (sources["warmup_epochs"],
                                                                          sources["milestones"]):
-        raise utils.ConfigError("--warmup-epochs/--milestones shape the IRL schedules; the AGW schedule "
-                                "(--lr_scheduler agw) is fixed: warmup 10, x0.1 at 20, x0.01 at 50. For a custom "
-                                "schedule add --lr_scheduler step (warmup, then x0.1 at each milestone)")
+        name = config["lr_scheduler"]
+        first, second = utils.FIXED_LR_MILESTONES[name]
+        raise utils.ConfigError(f"--warmup-epochs/--milestones shape the IRL schedules; the {name.upper()} schedule "
+                                f"(--lr_scheduler {name}) is fixed: warmup 10, x0.1 at {first}, x0.01 at {second}. "
+                                f"For a custom schedule add --lr_scheduler step (warmup, then x0.1 at each milestone)")
     return config, sources
 
 
@@ -221,7 +223,7 @@ def build_train_data(config):
     """Training set and (for --val) the held-out identities' evaluation protocol."""
     root, dataset = config["data_path"], config["dataset"]
     data_manager.check_dataset_root(dataset, root)
-    views = methods.get(config["method"]).train_views(config["img_h"], config["img_w"])
+    views = methods.get(config["method"]).train_views(config["img_h"], config["img_w"], dataset=dataset)
     trainset = data_loader.training_set(dataset, root, views, config["img_h"], config["img_w"], trial=config["trial"])
     rgb_labels = np.asarray(trainset.train_color_label)
     ir_labels = np.asarray(trainset.train_thermal_label)
@@ -618,8 +620,8 @@ def setup_run(args):
                                                                mode=config["mode"], split=config["trial"])) \
         if rank == 0 else None
     method = methods.get(config["method"])
-    net = method.build_model(data.num_classes, config["arch"], config["img_h"],
-                             config["img_w"], pretrained=pretrained_arg(config, ckpt is not None))
+    net = method.build_model(data.num_classes, config["arch"], config["img_h"], config["img_w"],
+                             pretrained=pretrained_arg(config, ckpt is not None), dataset=config["dataset"])
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
