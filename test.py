@@ -250,8 +250,10 @@ def model_settings(ckpt, path, args, trial=None):
 
 def load_model(ckpt, path, args, device, trial=None):
     settings = model_settings(ckpt, path, args, trial)
+    # The network variant of the dataset it was trained on (DEEN's RegDB variant differs), also across datasets.
+    trained_on = (ckpt.get("config") or {}).get("dataset") or args.dataset
     net = methods.get(settings["method"]).build_model(settings["num_classes"], settings["arch"], settings["img_h"],
-                                                      settings["img_w"])
+                                                      settings["img_w"], dataset=trained_on)
     models.load_checkpoint(net, ckpt, source=path)
     return net.to(device).eval(), settings
 
