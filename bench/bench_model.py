@@ -17,13 +17,15 @@ Variants (model.py switches):
 
 Every variant runs in a fresh process (so that one's memory never counts against another), in interleaved
 rounds; the table shows medians over the rounds. Peak memory is the process's peak resident set during the
-timed train steps minus its resident set just before them (weights, gradients and momentum already
-allocated by a warm-up step), read from /proc/self/status (VmHWM, reset through /proc/self/clear_refs); glibc
+timed train steps minus its resident set just before them (weights, gradients and momentum allocated
+beforehand), read from /proc/self/status (VmHWM, reset through /proc/self/clear_refs); glibc
 is told to hand every block of 64 KB or more back to the system on free (MALLOC_MMAP_THRESHOLD_) so that the
 resident set follows the live tensors. Linux only. Random weights with every branch switched on (the
 zero-initialised Non_local/NAF/delta gates set non-zero), the same in every variant; |diff| is the largest
 absolute difference from the official mode's train pool/logits and eval features, checked against the
-goldens' tolerances (tests/test_model.py: train pool 1e-3, logits 2e-3, eval features 1e-5).
+goldens' tolerances (tests/test_model.py: train pool 1e-3, logits 2e-3, eval features 1e-5). Evaluation
+runs first, on the initial weights. There is no warm-up call (a full-size step takes minutes on a CPU): every
+variant's first call pays the same one-off costs.
 """
 import argparse
 import json
@@ -97,7 +99,6 @@ def child(args, variant, out_path):
     views = [images(args.train_images // n_views, args.size, 10 + i, channels_last) for i in range(n_views)]
     labels = torch.arange(args.train_images) % NUM_CLASSES
     optimizer = torch.optim.SGD(M.param_groups(net, 0.1), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    net.train()
     outputs = {}
 
     def train_step():
@@ -109,6 +110,23 @@ def child(args, variant, out_path):
         optimizer.step()
         return pool, logits
 
+    # Evaluation first, so that every variant extracts features with the same (initial) weights.
+    net.eval()
+    batch = OFFICIAL_EVAL_BATCH if variant == "official" else args.eval_batch
+    x = images(args.eval_images, args.size, 99, channels_last)
+
+    def evaluate():
+        features = []
+        context = torch.no_grad() if variant == "official" else torch.inference_mode()
+        with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for chunk in x.split(batch):
+                features.append(net(*([chunk] * net.num_inputs), modal=1)[1].float())
+        return torch.cat(features)
+
+    start = time.perf_counter()
+    outputs["eval features"] = evaluate()
+    eval_seconds = time.perf_counter() - start
+    net.train()
     # Gradients and momentum allocated before the measured steps (what SGD's first step would allocate:
     # a zero momentum buffer gives the same update), so that the peak above the steady state is the step's.
     for group in optimizer.param_groups:
@@ -128,21 +146,6 @@ def child(args, variant, out_path):
     peak_kb = resident_kb("VmHWM")
     train_seconds = statistics.median(seconds)
 
-    net.eval()
-    batch = OFFICIAL_EVAL_BATCH if variant == "official" else args.eval_batch
-    x = images(args.eval_images, args.size, 99, channels_last)
-
-    def evaluate():
-        features = []
-        context = torch.no_grad() if variant == "official" else torch.inference_mode()
-        with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for chunk in x.split(batch):
-                features.append(net(*([chunk] * net.num_inputs), modal=1)[1].float())
-        return torch.cat(features)
-
-    start = time.perf_counter()
-    outputs["eval features"] = evaluate()
-    eval_seconds = time.perf_counter() - start
     torch.save({"train step s": train_seconds, "peak MB": (peak_kb - steady_kb) / 1024,
                 "eval img/s": args.eval_images / eval_seconds, "outputs": outputs}, out_path)
 
