@@ -402,6 +402,20 @@ class CrossModalNet(nn.Module):
             return x_pool, self.classifier(feat)
         return l2_normalize(x_pool), l2_normalize(feat)
 
+    def test_features(self, images, modal, flip=False):
+        """(pool, bn) L2-normalised test features of eval-mode images of one modality: the same images go to
+        every stem (official test protocol). flip: CAJ's flip test-time augmentation (`flip_average`).
+        Networks with several embeddings per image (DEEN) define their own."""
+        pool, bn = self(*([images] * self.num_inputs), modal=modal)
+        if flip:
+            pool_flipped, bn_flipped = self(*([images.flip(3)] * self.num_inputs), modal=modal)
+            pool, bn = flip_average(pool, pool_flipped), flip_average(bn, bn_flipped)
+        return pool, bn
+
+    @property
+    def test_feature_dim(self):
+        return self.feat_dim
+
     def _check_modal(self, modal):
         if modal not in (0, 1, 2):
             raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
@@ -554,11 +568,7 @@ def extract_features(model, loader, modal, device, *, flip=False, channels_last=
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for imgs, _ in loader:
                 x = imgs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                pool, bn = net(*([x] * net.num_inputs), modal=modal)
-                if flip:
-                    mirrored = x.flip(3)
-                    pool_flipped, bn_flipped = net(*([mirrored] * net.num_inputs), modal=modal)
-                    pool, bn = flip_average(pool, pool_flipped), flip_average(bn, bn_flipped)
+                pool, bn = net.test_features(x, modal, flip=flip)
                 pools.append(pool.double().cpu().numpy())
                 bns.append(bn.double().cpu().numpy())
                 if shown is not None:
@@ -568,7 +578,7 @@ def extract_features(model, loader, modal, device, *, flip=False, channels_last=
         if shown is not None:
             shown.close()
     if not pools:
-        empty = np.zeros((0, net.feat_dim))
+        empty = np.zeros((0, net.test_feature_dim))
         return empty, empty.copy()
     return np.concatenate(pools), np.concatenate(bns)
 

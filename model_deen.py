@@ -233,6 +233,15 @@ class DEEN(nn.Module):
                 module.official_form = bool(enabled)
         return self
 
+    @property
+    def test_feature_dim(self):
+        return self.feat_dim * self.blocks
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing is not written for DEEN's blocks yet: refused in one line, never ignored."""
+        if enabled:
+            raise ConfigError("--grad-checkpoint is not available for DEEN yet (IRL, AGW and CAJ have it)")
+
     def test_features(self, images, modal, flip=False):
         """(pool, bn) [N, 3D] of eval-mode images of one modality (`image_embeddings`); flip: DEEN's flip-sum."""
         pool, bn = self(images, images, modal=modal)

@@ -37,9 +37,9 @@ import utils
 
 # Each method's official recipe is its table entry's `defaults` (methods.py); these fill the rest.
 COMMON_DEFAULTS = dict(dataset="sysu", method="irl", arch="resnet50", optim="SGD", backbone_lr_mult=0.1, trial=1,
-                       seed=0, save_epoch=20, test_batch=64, workers=utils.default_workers(), mode="all", log_every=50, model_path="result/",
-                       log_path="result/", gpu="0", device=None, pretrained=True, val=False, channels_last=None,
-                       compile=False, deterministic=False)
+                       seed=0, save_epoch=20, test_batch=64, workers=utils.default_workers(), mode="all",
+                       log_every=50, model_path="result/", log_path="result/", gpu="0", device=None, pretrained=True,
+                       val=False, channels_last=None, compile=False, deterministic=False, grad_checkpoint=False)
 # A resumed run must keep these; anything else (paths, workers, device, ...) may change.
 RESUME_LOCKED = ("dataset", "method", "arch", "img_h", "img_w", "batch_size", "num_pos", "lr", "epochs",
                  "loss_tri", "margin", "lr_scheduler", "warmup_epochs", "milestones", "optim", "backbone_lr_mult",
@@ -112,6 +112,8 @@ def build_parser():
         help="channels-last memory format for training and evaluation (default: on CUDA only)")
     add("--compile", action="store_true", default=None,
         help="torch.compile the training network (falls back to eager with one warning where unavailable)")
+    add("--grad-checkpoint", dest="grad_checkpoint", action=argparse.BooleanOptionalAction,
+        help="activation checkpointing: much less activation memory for about one more forward pass (default off)")
     add("--deterministic", action="store_true", default=None,
         help="deterministic cuDNN kernels (no cudnn.benchmark autotuning): slower, repeatable on GPUs")
     return p
@@ -624,6 +626,7 @@ def setup_run(args):
                              pretrained=pretrained_arg(config, ckpt is not None), dataset=config["dataset"])
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
+    net.set_grad_checkpointing(config["grad_checkpoint"])
     optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
                                 momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))

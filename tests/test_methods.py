@@ -136,9 +136,11 @@ def test_caj_sends_both_visible_views_through_the_visible_stem_in_one_batch():
 
 
 class StubNet(nn.Module):
-    """Returns the golden features of testa.py's stub net call by call, checking each call's images."""
+    """Returns the golden features of testa.py's stub net call by call, checking each call's images; its test
+    features are the AGW-family networks' (CrossModalNet.test_features)."""
 
     num_inputs, feat_dim = 2, 16
+    test_features = M.CrossModalNet.test_features
 
     def __init__(self, golden):
         super().__init__()
@@ -269,3 +271,17 @@ def test_a_method_registered_in_a_test_trains_and_evaluates_through_the_scripts(
     summary = json.loads(results.read_text())
     assert summary["model"]["method"] == "toy" and summary["protocol"]["modes"] == ["bn", "pool"]
     assert 0 <= summary["mean"]["bn"]["mAP"] <= 1
+
+
+def test_grad_checkpoint_flag_reaches_the_network_and_deen_refuses_it(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    ws = workspace(tmp_path_factory)
+    calls = []
+    monkeypatch.setattr(M.CrossModalNet, "set_grad_checkpointing", lambda net, enabled=True: calls.append(enabled))
+    common = ["--dataset", "regdb", "--data-path", ws.data["regdb"], "--model_path", str(tmp_path / "runs"),
+              "--log_path", str(tmp_path / "logs"), *TINY]
+    for flags, expected in (([], False), (["--grad-checkpoint"], True)):
+        run, _ = train_script.setup_run(train_script.build_parser().parse_args([*common, "--method", "agw", *flags]))
+        assert calls[-1] is expected and run.config["grad_checkpoint"] is expected
+    assert train_script.main([*common, "--method", "deen", "--grad-checkpoint"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --grad-checkpoint is not available for DEEN") and err.count("\n") == 1
