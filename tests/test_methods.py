@@ -203,7 +203,7 @@ def test_caj_trains_and_tests_with_flip_on_every_dataset(tmp_path_factory, tmp_p
                                       os.path.join(model_path, best), "--device", "cpu", "--workers", "0",
                                       "--num-trials", "2", "--flip", "--output", str(results)], cwd=ws.base).stdout
     summary = json.loads(results.read_text())
-    assert summary["model"]["method"] == "caj" and summary["protocol"]["flip"] is True
+    assert (summary["model"]["method"], summary["protocol"]["flip"]) == ("caj", True)
     assert summary["protocol"]["name"].endswith("-flip") and "+ flip" in test_out
 
 
