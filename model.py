@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import resnet
-from utils import CheckpointError, ConfigError, Progress, load_torch_file
+from progress import Progress
+from utils import CheckpointError, ConfigError, load_torch_file
 
 CHECKPOINT_FORMAT = "vireid-ckpt-v1"
 MODAL_NAMES = {1: "visible", 2: "infrared"}

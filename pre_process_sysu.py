@@ -23,10 +23,10 @@ import time
 from multiprocessing import Pool
 
 import numpy as np
-from tqdm import tqdm
 
 import data_manager
 from data_manager import DatasetError
+from progress import Progress
 
 PARTIAL_SUFFIX = ".partial"
 # Images per pool task. Big enough that task hand-offs cost nothing next to ~2 ms of decoding per image,
@@ -115,13 +115,13 @@ def preprocess(data_path, img_h, img_w, workers):
         # still being written, instead of waiting for RGB to finish.
         tasks = (_tasks(partial["rgb_img"], rgb_files, img_h, img_w)
                  + _tasks(partial["ir_img"], ir_files, img_h, img_w))
-        # The pool is forked before tqdm can start its monitor thread. Leaving the `with` terminates the
+        # The pool is forked before a progress bar (tqdm) can start its monitor thread. Leaving the `with` terminates the
         # workers, so on an error none of them is still writing when the partial files are removed below.
         with (Pool(workers, initializer=_init_worker) if workers > 0 else contextlib.nullcontext()) as pool:
             written = map(_write_images, tasks) if pool is None else pool.imap_unordered(_write_images, tasks)
-            with tqdm(total=len(rgb_files) + len(ir_files), unit="img", disable=None) as progress:
+            with Progress(len(rgb_files) + len(ir_files), "pre-processing images", "img") as shown:
                 for count in written:
-                    progress.update(count)
+                    shown.update(count)
         # Every image of both files is written at this point: a corrupt one raised above, before any
         # final name exists.
         _save_npy(partial["rgb_label"], rgb_labels)

@@ -30,6 +30,7 @@ import data_manager
 import evaluation
 import method_base
 import methods
+import progress
 import model as models
 import resnet
 import utils
@@ -498,7 +499,7 @@ def step_line(run, epoch, step, steps, averages, images, elapsed):
     return (f"epoch {epoch}/{cfg['epochs'] - 1} step {step}/{steps}: loss {averages['loss']:.4f} "
             f"({loss_terms_text(terms)}) acc {100 * averages['acc']:.2f}%, "
             f"{images * run.world_size / elapsed:.1f} img/s, "
-            f"ETA epoch {utils.format_seconds(epoch_eta)}, run {utils.format_seconds(run_eta)} (training only)")
+            f"ETA epoch {progress.format_seconds(epoch_eta)}, run {progress.format_seconds(run_eta)} (training only)")
 
 
 def evaluate(run):

@@ -12,12 +12,10 @@ import os
 import random
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
-from tqdm import tqdm
 
 
 class CheckpointError(ValueError):
@@ -293,54 +291,6 @@ def _adopt(logger, handler):
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     setattr(handler, _OWN_HANDLER, True)
     logger.addHandler(handler)
-
-
-class Progress:
-    """Progress of a long loop: a tqdm bar on an interactive terminal, otherwise (logs, pipes, nohup, batch
-    schedulers) a plain line at every tenth of the work, so a log never stays silent for minutes.
-
-    `update(n)` after each piece of work; `close()` (or leaving a `with` block) ends it. `write` is where
-    the plain lines go (default: print to stderr, as tqdm does).
-    """
-
-    def __init__(self, total, desc, unit="it", *, write=None, stream=None):
-        self.total, self.desc, self.unit = int(total), desc, unit
-        self.done, self.start = 0, time.time()
-        stream = stream or sys.stderr
-        self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, file=stream) \
-            if stream.isatty() else None
-        self.write = write or (lambda line: print(line, file=stream, flush=True))
-        self.tenths_shown = 0
-
-    def update(self, n=1):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        tenths = 10 * self.done // self.total if self.total else 0
-        if tenths > self.tenths_shown:
-            self.tenths_shown = tenths
-            elapsed = time.time() - self.start
-            eta = elapsed / self.done * max(self.total - self.done, 0)
-            self.write(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done // self.total}%), "
-                       f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def format_seconds(seconds) -> str:
-    """h:mm:ss (or m:ss under an hour) of a duration in seconds."""
-    seconds = int(round(max(seconds, 0)))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def default_workers(preferred=4) -> int:

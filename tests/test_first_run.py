@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import progress
 import utils
 from test_train import TINY, run_script, suffix_of, train_script, trained, workspace
 from tools import quickstart
@@ -76,18 +77,18 @@ class NotATerminal(io.StringIO):
 
 
 def test_progress_prints_a_line_per_tenth_when_not_on_a_terminal():
-    stream = NotATerminal()
-    with utils.Progress(23, "features", "img", stream=stream) as progress:
+    stream, lines = NotATerminal(), []
+    with progress.Progress(23, "features", "img", write=lines.append, stream=stream) as shown:
         for _ in range(23):
-            progress.update()
-    lines = stream.getvalue().splitlines()
+            shown.update()
+    assert stream.getvalue() == ""                          # no bar: not a terminal
     done = [int(line.split()[1].split("/")[0]) for line in lines]
     assert done == [3, 5, 7, 10, 12, 14, 17, 19, 21, 23]     # first item past each tenth of 23
     assert lines[-1].startswith("features: 23/23 img (100%)") and "ETA 0:00" in lines[-1]
 
 
 def test_format_seconds():
-    assert [utils.format_seconds(s) for s in (0, 59.6, 61, 3600, 3725)] == ["0:00", "1:00", "1:01", "1:00:00",
+    assert [progress.format_seconds(s) for s in (0, 59.6, 61, 3600, 3725)] == ["0:00", "1:00", "1:01", "1:00:00",
                                                                             "1:02:05"]
 
 
