@@ -99,6 +99,20 @@ def _softmax_weights(dist, mask):
     return exp / (exp.sum(1, keepdim=True) + 1e-6)
 
 
+def _softmax_weighted_pairs(x, labels, normalize_feature=False, alpha=1):
+    """(dist, w_ap, w_an, fp, cn) of the WRT and ADP triplets, on full-precision features: per row the
+    softmax(alpha * D)-weighted positive distance fp and softmax(-alpha * D)-weighted negative distance cn."""
+    if normalize_feature:
+        x = x / (x.norm(2, dim=-1, keepdim=True) + 1e-12)
+    dist = comp_dist(x, x)
+    same = _same_label(labels)
+    is_pos, is_neg = same.to(dist.dtype), (~same).to(dist.dtype)
+    dist_ap, dist_an = dist * is_pos, dist * is_neg
+    weights_ap = _softmax_weights(dist_ap * alpha, is_pos)
+    weights_an = _softmax_weights(-dist_an * alpha, is_neg)
+    return dist, weights_ap, weights_an, (dist_ap * weights_ap).sum(1), (dist_an * weights_an).sum(1)
+
+
 class TripletLoss_WRT(nn.Module):
     """Weighted regularisation triplet (AGW default, no margin; REFERENCE 7.3).
 
@@ -108,15 +122,7 @@ class TripletLoss_WRT(nn.Module):
 
     def forward(self, x, labels, normalize_feature=False):
         with _no_autocast(x):
-            x = _full_precision(x)
-            if normalize_feature:
-                x = x / (x.norm(2, dim=-1, keepdim=True) + 1e-12)
-            dist = comp_dist(x, x)
-            same = _same_label(labels)
-            is_pos, is_neg = same.to(dist.dtype), (~same).to(dist.dtype)
-            dist_ap, dist_an = dist * is_pos, dist * is_neg
-            furthest_pos = (dist_ap * _softmax_weights(dist_ap, is_pos)).sum(1)
-            closest_neg = (dist_an * _softmax_weights(-dist_an, is_neg)).sum(1)
+            _, _, _, furthest_pos, closest_neg = _softmax_weighted_pairs(_full_precision(x), labels, normalize_feature)
             return F.softplus(furthest_pos - closest_neg).mean()
 
 
@@ -155,17 +161,8 @@ class TripletLoss_ADP(nn.Module):
 
     def terms(self, x, labels, normalize_feature=False):
         with _no_autocast(x):
-            x = _full_precision(x)
-            if normalize_feature:
-                x = x / (x.norm(2, dim=-1, keepdim=True) + 1e-12)
-            dist = comp_dist(x, x)
-            same = _same_label(labels)
-            is_pos, is_neg = same.to(dist.dtype), (~same).to(dist.dtype)
-            dist_ap, dist_an = dist * is_pos, dist * is_neg
-            weights_ap = _softmax_weights(dist_ap * self.alpha, is_pos)
-            weights_an = _softmax_weights(-dist_an * self.alpha, is_neg)
-            furthest_pos = (dist_ap * weights_ap).sum(1)
-            closest_neg = (dist_an * weights_an).sum(1)
+            dist, weights_ap, weights_an, furthest_pos, closest_neg = _softmax_weighted_pairs(
+                _full_precision(x), labels, normalize_feature, self.alpha)
             if self.square == 0:
                 diff_pow = None
                 y = torch.ones_like(furthest_pos)
