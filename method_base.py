@@ -52,6 +52,7 @@ class Method:
     view_modalities = ()         # source modality of each view of a training item, in item order
     defaults = {}                # the official recipe: train.py fills every unset flag from here
     report_modes = DEFAULT_REPORT_MODES
+    mode_names = {}              # the method's own names of similarity modes in result tables (DEEN: S7, S8)
 
     def view_transforms(self, img_h, img_w):
         """One transform per view (uint8 HxWx3 array -> normalised tensor), in `view_modalities` order."""

@@ -379,7 +379,7 @@ def run_test(args):
             if args.by_camera:
                 by_camera[mode].extend(result["by_camera"][mode])
         for entry in result["per_trial"][modes[0]]:
-            log.info(f"  trial {entry['trial']}: {mode_labels(args)[modes[0]]} Rank-1 {100 * entry['cmc'][0]:.2f}% "
+            log.info(f"  trial {entry['trial']}: {mode_labels(args, settings)[modes[0]]} Rank-1 {100 * entry['cmc'][0]:.2f}% "
                      f"mAP {100 * entry['mAP']:.2f}% mINP {100 * entry['mINP']:.2f}%")
         checkpoints[key] = path
         several_cameras = several_cameras or evaluation.has_several_cameras(protocol)
@@ -392,7 +392,7 @@ def run_test(args):
     trials = [entry["trial"] for entry in per_trial[modes[0]]]
     title = (f"{protocol_name(args)}: mean ± std over {len(trials)} "
              f"{'split' if info.num_splits else 'gallery trial'}{'s' if len(trials) > 1 else ''} (%)")
-    log.info("\n" + evaluation.results_table(mean, std, modes, title, mode_labels(args)))
+    log.info("\n" + evaluation.results_table(mean, std, modes, title, mode_labels(args, settings)))
     options = protocol_options(args)
     summary = {"dataset": args.dataset, "data_path": data_path,
                "protocol": {"name": protocol_name(args),
@@ -406,14 +406,15 @@ def run_test(args):
     if args.features:
         summary["features"] = list(args.features)
     if args.by_camera:
-        summary["by_camera"] = camera_results(args, info, by_camera, several_cameras, modes, log)
+        summary["by_camera"] = camera_results(args, info, by_camera, several_cameras, modes, log,
+                                              mode_labels(args, settings))
     out = output_path(args, args.features[0] if args.features else checkpoints[next(iter(checkpoints))])
     utils.save_json_atomic(summary, out)
     log.info(f"Results written to {out}")
     return 0
 
 
-def camera_results(args, info, by_camera, several_cameras, modes, log):
+def camera_results(args, info, by_camera, several_cameras, modes, log, labels):
     """The JSON "by_camera" entry, with its table logged; a note instead where every side has one camera."""
     low_light = tuple(args.low_light_cams if args.low_light_cams is not None
                       else evaluation.LOW_LIGHT_CAMERAS[args.dataset])
@@ -424,14 +425,16 @@ def camera_results(args, info, by_camera, several_cameras, modes, log):
         return {"note": note, "low_light_cameras": list(low_light)}
     summary = evaluation.summarise_by_camera(by_camera)
     title = f"{protocol_name(args)}: per camera, mean ± std over the trials where the camera has a valid query (%)"
-    log.info("\n" + evaluation.by_camera_table(summary, modes, title, mode_labels(args), low_light))
+    log.info("\n" + evaluation.by_camera_table(summary, modes, title, labels, low_light))
     return {"low_light_cameras": list(low_light), "summary": summary, "per_trial": by_camera}
 
 
-def mode_labels(args):
-    """Row labels of the similarity modes; test-time options that change the features are named in them."""
+def mode_labels(args, settings):
+    """Row labels of the similarity modes (the method's own names where it has them, e.g. DEEN's S7/S8); the
+    test-time options that change the features are named in them."""
+    names = {**evaluation.MODE_LABELS, **methods.get(settings["method"]).mode_names}
     return {mode: label + (" + flip" if args.flip else "") + (" + re-ranked" if args.rerank is not None else "")
-            for mode, label in evaluation.MODE_LABELS.items()}
+            for mode, label in names.items()}
 
 
 def main(argv=None):

@@ -21,9 +21,10 @@ def test_deen_trains_and_tests_on_every_dataset(tmp_path_factory, tmp_path, data
     (best,) = [f for f in os.listdir(model_path) if f.endswith("_best.pth")]
     assert best.startswith(f"{dataset}_deen_p2_n4_")
     results = tmp_path / "deen.json"
-    run_script("test.py", ["--dataset", dataset, "--data-path", ws.data[dataset], "--resume",
-                           os.path.join(model_path, best), "--device", "cpu", "--workers", "0", "--flip",
-                           "--output", str(results)], cwd=ws.base)
+    test_out = run_script("test.py", ["--dataset", dataset, "--data-path", ws.data[dataset], "--resume",
+                                      os.path.join(model_path, best), "--device", "cpu", "--workers", "0", "--flip",
+                                      "--output", str(results)], cwd=ws.base).stdout
+    assert "S7 (sum of 6) + flip" in test_out and "S8 (0.1 pool + 0.9 bn) + flip" in test_out
     with open(results) as f:
         summary = json.load(f)
     assert summary["protocol"]["flip"] is True and summary["protocol"]["modes"][:2] == ["sum", "weighted"]

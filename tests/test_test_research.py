@@ -101,7 +101,7 @@ def test_rerank_names(flags, name):
     args = test_script.build_parser().parse_args(["--resume", "x.pth", *flags])
     test_script.resolve_defaults(args)
     assert test_script.protocol_name(args) == name
-    assert test_script.mode_labels(args)["bn"].endswith("+ re-ranked")
+    assert test_script.mode_labels(args, {"method": "irl"})["bn"].endswith("+ re-ranked")
 
 
 def test_regdb_by_camera_says_one_camera_each_way(tmp_path_factory, tmp_path):
