@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from conftest import caj_goldens
+from test_loss import autocast_dtype
 from loss import KLDivLoss, TripletLoss_ADP
 from utils import ConfigError
 
@@ -315,16 +316,6 @@ def test_adp_square0_large_gap_is_finite_where_the_official_overflows():
     assert not torch.isfinite(torch.log(1 + torch.exp(t))).all()    # what the official formula gives
     assert math.isfinite(terms.loss.item())
     assert terms.loss.item() == pytest.approx(oracle_adp(x.double(), [0, 0, 1, 1], 1, 1, 0)[0].item(), rel=1e-5)
-
-
-def autocast_dtype():
-    """fp16 autocast on the CPU when this torch supports it, else bfloat16."""
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.Linear(2, 2)(torch.ones(1, 2))
-        return torch.float16
-    except RuntimeError:
-        return torch.bfloat16
 
 
 @pytest.mark.parametrize("make", [lambda: TripletLoss_ADP(1, 1, 1), lambda: TripletLoss_ADP(2, 3, 0)],
