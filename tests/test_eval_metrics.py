@@ -373,18 +373,23 @@ def test_parity_cases_cover_invalid_queries_and_small_galleries():
     assert small >= 5 and with_invalid >= 20 and no_valid >= 1
 
 
-@pytest.mark.parametrize("sort_kind", ["stable", "default"])
-@pytest.mark.parametrize("seed", range(15))
-def test_parity_with_ties(seed, sort_kind):
-    """Integer distances create many ties; both sides use the same sort kind."""
-    rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
-    dist = rng.integers(0, 4, dist.shape).astype(dist.dtype)
+def _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, sort_kind):
+    """The three metrics against their literal loops on one distance matrix (cameras drawn from `rng`)."""
     stable = {"stable_sort": sort_kind == "stable"}
     q_cams, g_cams = _sysu_cams(rng, *dist.shape)
     _check_parity(eval_sysu, literal_eval_sysu, (dist, q_pids, g_pids, q_cams, g_cams), **stable)
     q_cams, g_cams = _llcm_cams(rng, *dist.shape)
     _check_parity(eval_llcm, literal_eval_llcm, (dist, q_pids, g_pids, q_cams, g_cams), **stable)
     _check_parity(eval_regdb, literal_eval_regdb, (dist, q_pids, g_pids), **stable)
+
+
+@pytest.mark.parametrize("sort_kind", ["stable", "default"])
+@pytest.mark.parametrize("seed", range(15))
+def test_parity_with_ties(seed, sort_kind):
+    """Integer distances create many ties; both sides use the same sort kind."""
+    rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
+    dist = rng.integers(0, 4, dist.shape).astype(dist.dtype)
+    _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, sort_kind)
 
 
 def test_stable_sort_breaks_ties_by_gallery_index():
@@ -457,12 +462,7 @@ def test_parity_on_each_route(monkeypatch, route, seed):
 def test_parity_with_nan_inf_signed_zero_and_ties_on_each_route(monkeypatch, route, seed, sort_kind):
     monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
     rng, dist, q_pids, g_pids, max_rank = _tricky_case(seed)
-    stable = {"stable_sort": sort_kind == "stable"}
-    q_cams, g_cams = _sysu_cams(rng, *dist.shape)
-    _check_parity(eval_sysu, literal_eval_sysu, (dist, q_pids, g_pids, q_cams, g_cams), **stable)
-    q_cams, g_cams = _llcm_cams(rng, *dist.shape)
-    _check_parity(eval_llcm, literal_eval_llcm, (dist, q_pids, g_pids, q_cams, g_cams), **stable)
-    _check_parity(eval_regdb, literal_eval_regdb, (dist, q_pids, g_pids), **stable)
+    _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, sort_kind)
 
 
 def _count_routes(monkeypatch):
