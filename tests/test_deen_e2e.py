@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from test_train import TINY, run_script, workspace
+from test_methods import train_tiny
+from test_train import run_script, workspace
 
 
 # SYSU in the default suite; RegDB (its layer-3 network variant) and LLCM behind `slow` (about 50 s each here).
@@ -13,13 +14,8 @@ from test_train import TINY, run_script, workspace
                                      pytest.param("llcm", marks=pytest.mark.slow)])
 def test_deen_trains_and_tests_on_every_dataset(tmp_path_factory, tmp_path, dataset):
     ws = workspace(tmp_path_factory)
-    model_path, log_path = str(tmp_path / "runs"), str(tmp_path / "logs")
-    out = run_script("train.py", ["--dataset", dataset, "--data-path", ws.data[dataset], "--method", "deen",
-                                  "--model_path", model_path, "--log_path", log_path, *TINY, "--epochs", "1"],
-                     cwd=ws.base).stdout
+    out, model_path, _, best = train_tiny(ws, tmp_path, dataset, "deen")
     assert "(id " in out and ", OriTriplet " in out and ", CPM " in out and ", ORT " in out
-    (best,) = [f for f in os.listdir(model_path) if f.endswith("_best.pth")]
-    assert best.startswith(f"{dataset}_deen_p2_n4_")
     results = tmp_path / "deen.json"
     test_out = run_script("test.py", ["--dataset", dataset, "--data-path", ws.data[dataset], "--resume",
                                       os.path.join(model_path, best), "--device", "cpu", "--workers", "0", "--flip",

@@ -185,16 +185,22 @@ def test_flip_average_matches_a_literal_loop(dtype):
     np.testing.assert_allclose(M.flip_average(a, b).numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12)
 
 
+def train_tiny(ws, tmp_path, dataset, method):
+    """(train.py stdout, model folder, log folder, best checkpoint name) of one tiny epoch of `method`."""
+    model_path, log_path = str(tmp_path / "runs"), str(tmp_path / "logs")
+    out = run_script("train.py", ["--dataset", dataset, "--data-path", ws.data[dataset], "--method", method,
+                                  "--model_path", model_path, "--log_path", log_path, *TINY, "--epochs", "1"],
+                     cwd=ws.base).stdout
+    (best,) = [f for f in os.listdir(model_path) if f.endswith("_best.pth")]
+    assert best.startswith(f"{dataset}_{method}_p2_n4_")
+    return out, model_path, log_path, best
+
+
 @pytest.mark.parametrize("dataset", ["sysu", "regdb", "llcm"])
 def test_caj_trains_and_tests_with_flip_on_every_dataset(tmp_path_factory, tmp_path, dataset):
     ws = workspace(tmp_path_factory)
-    model_path, log_path = str(tmp_path / "runs"), str(tmp_path / "logs")
-    out = run_script("train.py", ["--dataset", dataset, "--data-path", ws.data[dataset], "--method", "caj",
-                                  "--model_path", model_path, "--log_path", log_path, *TINY, "--epochs", "1"],
-                     cwd=ws.base).stdout
+    out, model_path, log_path, best = train_tiny(ws, tmp_path, dataset, "caj")
     assert ", ADP " in out and "(id " in out        # the loss terms by name, in the step and epoch lines
-    (best,) = [f for f in os.listdir(model_path) if f.endswith("_best.pth")]
-    assert best.startswith(f"{dataset}_caj_p2_n4_")
     with open(os.path.join(log_path, best.replace("_best.pth", "_metrics.jsonl"))) as f:
         (record,) = [json.loads(line) for line in f]
     assert set(record["loss_terms"]) == {"id", "ADP"}
