@@ -222,22 +222,6 @@ class PlannedPairs(torch.utils.data.Dataset):
         return self.dataset[0]
 
 
-class AverageMeter:
-    """Running average of a scalar (val = last value, avg = sum / count)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.val, self.avg, self.sum, self.count = 0.0, 0.0, 0.0, 0
-
-    def update(self, val, n=1):
-        self.val = float(val)
-        self.sum += float(val) * n
-        self.count += n
-        self.avg = self.sum / self.count if self.count else 0.0
-
-
 # --------------------------------------------------------------------------------------------------
 # Logging and devices
 # --------------------------------------------------------------------------------------------------

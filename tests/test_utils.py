@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from utils import (AverageMeter, CheckpointError, ConfigError, agw_lr_factor, format_table,
+from utils import (CheckpointError, ConfigError, agw_lr_factor, format_table,
                    load_torch_file, lr_factor, make_lr_scheduler, resolve_device, save_checkpoint_atomic,
                    save_json_atomic, set_seed, setup_logger, str2bool)
 
@@ -46,14 +46,6 @@ def test_str2bool_rejects_other_words_in_argparse():
     assert parser.parse_args(["--tvsearch", "True"]).tvsearch is True
     with pytest.raises(argparse.ArgumentTypeError):
         str2bool("maybe")
-
-
-def test_average_meter_weights_by_n():
-    meter = AverageMeter()
-    meter.update(2.0, n=3)
-    meter.update(4.0)
-    assert (meter.val, meter.sum, meter.count) == (4.0, 10.0, 4)
-    assert meter.avg == pytest.approx(2.5)
 
 
 # ------------------------------------------------------------------------------------ logging, device
