@@ -1,0 +1,42 @@
+"""The middle-modality family's shared parts (MMN, IFALNet; METHODS.md 2.2, 2.3, 5.1, 5.2).
+
+Both methods turn each input into a one-channel "gray" map with a small per-modality generator, decode it
+into a 3-channel middle-modality (M) image, and train on four row blocks [VIS, M-VIS, IR, M-IR] in one trunk
+pass. The generator convolutions are attributes of the network itself (official keys `encode1`, `fc1`,
+`bn1`, ...), so this room gives the functions that build and apply them, not a module of its own.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The official generators initialise every 1x1 convolution to this constant weight and a zero bias.
+GENERATOR_INIT_WEIGHT = 0.333
+# Row blocks of the training batch, in order.
+BLOCKS = ("vis", "middle_vis", "ir", "middle_ir")
+
+
+def constant_conv(in_channels, out_channels):
+    """A 1x1 convolution with bias, initialised as the official generators do (0.333, bias 0)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
+    nn.init.constant_(conv.weight, GENERATOR_INIT_WEIGHT)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def gray_map(x, encode, fc, bn):
+    """bn(relu(fc(relu(encode(x))))): the one-channel map [N, 1, H, W] of a modality's generator."""
+    return bn(F.relu(fc(F.relu(encode(x)))))
+
+
+def four_blocks(x):
+    """The training batch's [VIS, M-VIS, IR, M-IR] row blocks (equal sizes)."""
+    return x.chunk(len(BLOCKS), 0)
+
+
+def pairwise_block_triplet(features, visible_labels, infrared_labels, triplet):
+    """Mean of the triplet loss over the four cross pairs (VIS|IR, VIS|M-IR, M-VIS|IR, M-VIS|M-IR), each on
+    the two blocks' rows stacked with labels (visible, infrared): MMN's per-stripe and IFALNet's triplet."""
+    vis, middle_vis, ir, middle_ir = four_blocks(features)
+    labels = torch.cat((visible_labels, infrared_labels))
+    pairs = ((vis, ir), (vis, middle_ir), (middle_vis, ir), (middle_vis, middle_ir))
+    return sum(triplet(torch.cat(pair), labels) for pair in pairs) / len(pairs)
