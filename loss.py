@@ -318,3 +318,26 @@ def ort_loss(pool):
     <DEE1_k, DEE2_k> of the tripled pooled batch [orig | DEE1 | DEE2], divided by its row count."""
     _, branch1, branch2 = pool.chunk(3, 0)
     return (branch1 * branch2).sum() / pool.size(0)
+
+
+class DCLoss(nn.Module):
+    """MMN's distribution-consistency loss (METHODS.md 5.2): the mean distance between the projections of the
+    first and the second half of the rows (M-VIS and M-IR features of a stripe, row k paired with row k).
+
+    Projection z = l2n(BN(Linear(ReLU(BN(Linear(l2n(x))))))): in_dim -> dim without bias, then dim -> dim, with
+    the official module names (fc1.0, fc2.0, fc2.2, fc2.3), so an official head's state dict loads. Its BNs
+    run on batch statistics in training. l2n is F.normalize (norm clamped at 1e-12), as the official code.
+    """
+
+    def __init__(self, in_dim=2048, dim=256):
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, dim, bias=False))
+        self.fc2 = nn.Sequential(nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim), nn.BatchNorm1d(dim))
+
+    def project(self, x):
+        return F.normalize(self.fc2(self.fc1(F.normalize(x))))
+
+    def forward(self, x):
+        with _no_autocast(x):
+            first, second = self.project(_full_precision(x)).chunk(2, 0)
+            return _row_norm(first - second).mean()
