@@ -584,21 +584,26 @@ def extract_features(model, loader, modal, device, *, flip=False, channels_last=
     return np.concatenate(pools), np.concatenate(bns)
 
 
+# Modules trained at the full LR, one SGD group each, unless a network lists its own in `HEAD_MODULES`
+# (MMN: bottleneck1..4 and classifier1..4, its official nine groups).
+HEAD_MODULES = ("bottleneck", "classifier")
+
+
 def param_groups(model, lr, backbone_lr_mult=0.1):
-    """SGD groups of REFERENCE 8.2: backbone (everything else) 0.1*lr, bottleneck lr, classifier lr.
+    """SGD groups of REFERENCE 8.2: backbone (everything else) at backbone_lr_mult*lr, then one group at lr per
+    head module (`HEAD_MODULES` of the network, default bottleneck and classifier), named after it.
 
     `backbone_lr_mult` replaces the official 0.1 (chosen for ImageNet-initialised backbones).
 
     Only trainable parameters are listed (the frozen BNNeck bias gets no gradient either way).
     """
     net = unwrap(model)
-    bottleneck = [p for p in net.bottleneck.parameters() if p.requires_grad]
-    classifier = [p for p in net.classifier.parameters() if p.requires_grad]
-    head = {id(p) for p in bottleneck + classifier}
-    backbone = [p for p in net.parameters() if p.requires_grad and id(p) not in head]
-    return [{"params": backbone, "lr": backbone_lr_mult * lr, "name": "backbone"},
-            {"params": bottleneck, "lr": lr, "name": "bottleneck"},
-            {"params": classifier, "lr": lr, "name": "classifier"}]
+    heads = [(name, [p for p in getattr(net, name).parameters() if p.requires_grad])
+             for name in getattr(net, "HEAD_MODULES", HEAD_MODULES)]
+    head_ids = {id(p) for _, params in heads for p in params}
+    backbone = [p for p in net.parameters() if p.requires_grad and id(p) not in head_ids]
+    return [{"params": backbone, "lr": backbone_lr_mult * lr, "name": "backbone"}] + \
+        [{"params": params, "lr": lr, "name": name} for name, params in heads]
 
 
 # ----------------------------------------------------------------------------------------------------
