@@ -478,17 +478,18 @@ def lr_factor(epoch, mode="step", *, milestones=(25, 90, 120), gamma=0.1, warmup
     return 0.5 * (1 + math.cos(math.pi * ratio))
 
 
-# Schedules of a fixed shape (no warmup/milestone flags), by --lr_scheduler name: the AGW repository's and
-# DEEN train.py's: warmup (e+1)/10 for 10 epochs, then 1, x0.1 from the first milestone, x0.01 from the second
-# (DEEN's x0.001 branch from epoch 120 is unreachable, METHODS.md 1.3).
-FIXED_LR_MILESTONES = {"agw": (20, 50), "deen": (20, 80)}
+# Schedules of a fixed shape (no warmup/milestone flags), by --lr_scheduler name: the AGW repository's, DEEN
+# train.py's and IFALNet train.py's: warmup (e+1)/10 for 10 epochs, then 1, x0.1 from the first milestone, x0.01
+# from the second, x0.001 from the third (DEEN's x0.001 branch from epoch 120 is unreachable, METHODS.md 1.3;
+# IFALNet's is reached at 90, METHODS.md 2.5).
+FIXED_LR_MILESTONES = {"agw": (20, 50), "deen": (20, 80), "ifalnet": (20, 60, 90)}
 
 
 def warmup_then_decade_steps(epoch, milestones) -> float:
-    """The AGW-family schedule factor at 0-based `epoch` (REFERENCE 8.3)."""
+    """The AGW-family schedule factor at 0-based `epoch` (REFERENCE 8.3), up to three milestones."""
     if epoch < 10:
         return (epoch + 1) / 10
-    return (1.0, 0.1, 0.01)[bisect.bisect_right(list(milestones), epoch)]   # literals, as the originals
+    return (1.0, 0.1, 0.01, 0.001)[bisect.bisect_right(list(milestones), epoch)]   # literals, as the originals
 
 
 def agw_lr_factor(epoch) -> float:
@@ -499,7 +500,11 @@ def deen_lr_factor(epoch) -> float:
     return warmup_then_decade_steps(epoch, FIXED_LR_MILESTONES["deen"])
 
 
-FIXED_LR_SCHEDULES = {"agw": agw_lr_factor, "deen": deen_lr_factor}
+def ifalnet_lr_factor(epoch) -> float:
+    return warmup_then_decade_steps(epoch, FIXED_LR_MILESTONES["ifalnet"])
+
+
+FIXED_LR_SCHEDULES = {"agw": agw_lr_factor, "deen": deen_lr_factor, "ifalnet": ifalnet_lr_factor}
 
 
 def make_lr_scheduler(optimizer, factor_fn) -> torch.optim.lr_scheduler.LambdaLR:
