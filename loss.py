@@ -51,9 +51,29 @@ def _row_norm(diff):
 
 
 def _one_hot_labels(labels, dtype):
-    """(one-hot matrix [n, K] in `dtype`, class index of each row [n]) for the sorted unique labels."""
-    _, inverse = torch.unique(labels, return_inverse=True)
-    return F.one_hot(inverse, int(inverse.max()) + 1).to(dtype), inverse
+    """(one-hot matrix [n, n] in `dtype`, class index of each row [n]): class k is the k-th smallest distinct
+    label (torch.unique's order), and the columns after the last class are empty.
+
+    Built from label comparisons only: torch.unique, F.one_hot and int(max) each wait for the device (the
+    output size depends on the values), while n columns are known from the shape. A row's class index is the
+    number of distinct smaller labels, each distinct label counted at its first row.
+    """
+    n = labels.shape[0]
+    rows = torch.arange(n, device=labels.device)
+    same = labels[:, None] == labels[None, :]
+    first_of_label = ~(same & (rows[None, :] < rows[:, None])).any(1)
+    inverse = ((labels[None, :] < labels[:, None]) & first_of_label[None, :]).sum(1)
+    return (inverse[:, None] == rows[None, :]).to(dtype), inverse
+
+
+def _require(condition, message):
+    """ConfigError(message) unless the 0-d bool tensor `condition` holds, without waiting for the device: on the
+    CPU torch._assert_async raises at once; on a GPU it is a device-side assertion that stops the process when
+    its kernel runs (it guards batch layouts, which a correct sampler never breaks)."""
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError:
+        raise ConfigError(message) from None
 
 
 def _class_means(onehot, x):
@@ -255,9 +275,9 @@ class QuarCenterTripletLoss(nn.Module):
             onehot, inverse = _one_hot_labels(labels, x.dtype)
             rgb_centers, rgb_counts = _class_means(onehot[:half], x[:half])
             ir_centers, ir_counts = _class_means(onehot[half:], x[half:])
-            if not bool(((rgb_counts > 0) & (ir_counts > 0)).all()):
-                raise ConfigError("QuarCenterTripletLoss: every identity must appear in both the RGB half "
-                                  "and the IR half of the batch (use the IdentitySampler layout)")
+            _require(((rgb_counts > 0) == (ir_counts > 0)).all(),
+                     "QuarCenterTripletLoss: every identity must appear in both the RGB half and the IR half "
+                     "of the batch (use the IdentitySampler layout)")
             partner = torch.cat([ir_centers[inverse[:half]], rgb_centers[inverse[half:]]])
             dist_pc = _row_norm(x - partner)
 
