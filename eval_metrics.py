@@ -2,7 +2,7 @@
 
 `eval_sysu`, `eval_regdb` and `eval_llcm` keep the official names, signatures and results
 (CMC as float32, mAP, mINP) but process whole blocks of queries with array operations instead of a
-Python loop per query. Pure numpy; imports nothing of ours (ground floor).
+Python loop per query. Pure numpy; of ours it imports only similarity.py (ground floor).
 
 A query's Rank-k, AP and INP depend only on where its true matches are ranked, and the
 de-duplicated CMC only on how many other identities come before the first one, so float matrices
@@ -23,6 +23,9 @@ Differences from the official code, all documented quirks of REFERENCE section 1
 """
 import numpy as np
 
+import similarity
+from similarity import STANDARD_FUSIONS
+
 # Rows per block = this // num_gallery; keeps every [rows, num_gallery] temporary at <= 8 MB, and a
 # float32 block within the cache (measured a little faster than 2**21 at the LLCM size).
 _BLOCK_ELEMENTS = 1 << 20
@@ -31,11 +34,6 @@ _BLOCK_ELEMENTS = 1 << 20
 # more per item). bench/bench_metrics.py timed 0.05 ... 0.5 alike within noise.
 _SPARSE_CANDIDATE_FRACTION = 0.2
 
-# The named features each similarity mode weighs, and their weights: similarity(mode) is the weighted sum of
-# the features' cosine similarities, in this order. A method-specific fusion is one more entry.
-MODE_WEIGHTS = {"pool": {"pool": 1.0}, "bn": {"bn": 1.0}, "sum": {"pool": 1.0, "bn": 1.0},
-                "weighted": {"pool": 0.1, "bn": 0.9}}
-SIMILARITY_MODES = tuple(MODE_WEIGHTS)
 
 
 def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stable_sort=False):
@@ -473,42 +471,7 @@ def _distinct_ids_before(order, removed, first_raw, identities):
     return np.count_nonzero(best_rank_per_pid < first_raw[:, None], axis=1)
 
 
-def similarity(qf, gf, mode):
-    """Cosine similarity [num_q, num_g] of already L2-normalised features (REFERENCE 2.3, Q-21).
-
-    qf, gf: {"pool": array [N, C], "bn": array [N, C]}. mode: "pool", "bn", "sum" (S_pool + S_bn,
-    IRL's LLCM "FC" line) or "weighted" (0.1 S_pool + 0.9 S_bn, IRL's LLCM "POOL" line).
-    """
-    if mode not in SIMILARITY_MODES:
-        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {SIMILARITY_MODES}")
-    weights = MODE_WEIGHTS[mode]
-    for name, feats in (("query", qf), ("gallery", gf)):
-        missing = [key for key in weights if key not in feats]
-        if missing:
-            raise ValueError(f"similarity mode {mode!r} needs {name} features {missing}")
-    total = None
-    for key, weight in weights.items():
-        term = np.matmul(qf[key], np.transpose(gf[key]))
-        if weight != 1.0:                       # x 1.0 is exact: skipping it saves a pass over the matrix
-            term = weight * term
-        total = term if total is None else total + term
-    return total
-
-
 _METRICS = {"sysu": eval_sysu, "regdb": eval_regdb, "llcm": eval_llcm}
-
-
-def mode_embedding(feats, mode):
-    """Unit vectors whose cosine similarity is similarity(mode) / (sum of its weights), so they rank exactly
-    like the mode: the mode's L2-normalised features concatenated, each scaled by sqrt(weight / total).
-    Re-ranking needs one feature per item; this is that feature for the fused modes."""
-    if mode not in MODE_WEIGHTS:
-        raise ValueError(f"unknown similarity mode {mode!r}; expected one of {SIMILARITY_MODES}")
-    weights = MODE_WEIGHTS[mode]
-    total = sum(weights.values())
-    # A Python float scale keeps the features' dtype (a numpy float64 scalar would promote float32 ones).
-    return np.concatenate([float(np.sqrt(weight / total)) * np.asarray(feats[key])
-                           for key, weight in weights.items()], axis=1)
 
 
 def evaluate_by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank=20):
@@ -552,13 +515,8 @@ def non_finite_warnings(query_feats, gallery_feats):
     return warnings
 
 
-def negative_similarity(row_feats, column_feats, mode):
-    """The protocols' default distance: minus the cosine similarity of `mode`."""
-    return -similarity(row_feats, column_feats, mode)
-
-
-def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool"), *, distance=negative_similarity,
-                      by_camera=False):
+def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool"), *, fusions=STANDARD_FUSIONS,
+                      distance=similarity.negative_similarity, by_camera=False):
     """Evaluate every gallery trial of a test protocol for each similarity mode.
 
     protocol: duck-typed data_manager.TestProtocol (metric, query_pids, query_cams, gallery_pids,
@@ -566,7 +524,9 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
     images; each trial selects its rows. transpose=True (RegDB tvsearch, DEEN LLCM) ranks the
     query set for every trial-gallery row: distance = -(G_trial . Q^T) with the gallery
     labels/cameras passed as query labels/cameras.
-    distance(row_feats, column_feats, mode) -> [rows, columns] distances (smaller = closer), e.g. a
+    modes: names of `fusions` ({name: similarity.Fusion}; the standard ones by default, a method adds its
+    own), whose terms name the query feature first; a transposed protocol swaps them.
+    distance(row_feats, column_feats, fusion) -> [rows, columns] distances (smaller = closer), e.g. a
     re-ranked one; by default minus the similarity.
     Returns JSON-friendly {"per_trial": {mode: [{"trial", "cmc", "mAP", "mINP"}, ...]},
     "mean": {mode: {...}}, "std": {mode: {...}}}; std is the population std over trials (0 for
@@ -584,6 +544,10 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
         raise ValueError(f"protocol {name} needs one trial id per gallery trial, "
                          f"got {len(trials)} ids for {len(trial_indices)} trials")
     transpose = bool(getattr(protocol, "transpose", False))
+    unknown = [mode for mode in modes if mode not in fusions]
+    if unknown:
+        raise ValueError(f"unknown similarity mode(s) {unknown}; expected some of {', '.join(fusions)}")
+    oriented = {mode: fusions[mode].transposed() if transpose else fusions[mode] for mode in modes}
     query = (np.asarray(protocol.query_pids), np.asarray(protocol.query_cams))
     gallery_pids, gallery_cams = np.asarray(protocol.gallery_pids), np.asarray(protocol.gallery_cams)
     gallery_feats = {key: np.asarray(value) for key, value in gallery_feats.items()}
@@ -598,7 +562,7 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
             rows, columns = columns, rows
         labels = _metric_labels(protocol.metric, rows[1], columns[1])     # the same for every mode
         for mode in modes:
-            distmat = distance(rows[0], columns[0], mode)
+            distmat = distance(rows[0], columns[0], oriented[mode])
             per_trial[mode].append({"trial": int(trial), **_result(metric(distmat, *labels))})
             if by_camera:
                 sides = evaluate_by_camera(distmat, rows[1][0], columns[1][0], rows[1][1], columns[1][1],

@@ -15,47 +15,55 @@ import data_loader
 import eval_metrics
 import model as models
 import rerank
+import similarity
 import utils
 
-MODE_LABELS = {"bn": "bn (FC)", "pool": "pool", "sum": "sum (pool+bn)", "weighted": "weighted (0.1/0.9)"}
 RANKS = (1, 5, 10, 20)
 
 
-def extract(net, paths, pids, modal, img_h, img_w, batch_size, workers, device, *, flip=False, progress=True):
-    """{"pool", "bn"}: float64 L2-normalised features of the images at `paths` through the stems of `modal`."""
+def extract(net, paths, pids, modal, img_h, img_w, batch_size, workers, device, *, flip=False, channels_last=False,
+            progress=True):
+    """{feature name: float64 L2-normalised features} of the images at `paths` through the stems of `modal`
+    (model.extract_features)."""
     loader = data_loader.make_test_loader(list(paths), np.asarray(pids), img_h, img_w, batch_size, workers)
-    pool, bn = models.extract_features(net, loader, modal, device, flip=flip, progress=progress)
-    return {"pool": pool, "bn": bn}
+    return models.extract_features(net, loader, modal, device, flip=flip, channels_last=channels_last,
+                                   progress=progress)
 
 
-def evaluate(net, protocol, img_h, img_w, batch_size, workers, device, modes, *, flip=False, progress=True,
-             warn=None, distance=eval_metrics.negative_similarity, by_camera=False):
+def evaluate(net, protocol, img_h, img_w, batch_size, workers, device, modes, *, fusions=similarity.STANDARD_FUSIONS,
+             flip=False, channels_last=False, progress=True, warn=None, distance=similarity.negative_similarity,
+             by_camera=False):
     """(result of eval_metrics.evaluate_protocol, query features, gallery features) of `protocol`, whose
     gallery should hold only the images its trials use (TestProtocol.used_gallery_only). `warn(line)`
-    receives one line per side whose features are not finite. distance, by_camera: see
-    eval_metrics.evaluate_protocol (reranked_distance re-ranks)."""
+    receives one line per side whose features are not finite. modes, fusions, distance, by_camera: see
+    eval_metrics.evaluate_protocol (the method's `similarity_modes()` are its fusions; reranked_distance
+    re-ranks)."""
     sides = {}
     for side, paths, pids, modal in (("query", protocol.query_paths, protocol.query_pids, protocol.query_modal),
                                      ("gallery", protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal)):
         sides[side] = extract(net, paths, pids, modal, img_h, img_w, batch_size, workers, device, flip=flip,
-                              progress=progress)
+                              channels_last=channels_last, progress=progress)
     for message in eval_metrics.non_finite_warnings(sides["query"], sides["gallery"]):
         if warn is not None:
             warn(message)
     result = eval_metrics.evaluate_protocol(sides["query"], sides["gallery"], protocol, modes=modes,
-                                            distance=distance, by_camera=by_camera)
+                                            fusions=fusions, distance=distance, by_camera=by_camera)
     return result, sides["query"], sides["gallery"]
 
 
 def reranked_distance(k1, k2, lambda_value):
     """A distance for eval_metrics.evaluate_protocol: k-reciprocal re-ranking (rerank.re_ranking) of each
     trial's rows and columns together, as the standard implementation re-ranks query + gallery jointly,
-    from the unit vectors that rank like the similarity mode (eval_metrics.mode_embedding). The embeddings
-    go in as float32: re_ranking squares the distances into float32 anyway, and its three input matrices are
-    then half the size (at the LLCM size 7,000 + 3,500 items: 340 MB instead of 690 MB)."""
-    def distance(row_feats, column_feats, mode):
-        rows, columns = (eval_metrics.mode_embedding({key: np.asarray(feats[key], dtype=np.float32)
-                                                      for key in eval_metrics.MODE_WEIGHTS[mode]}, mode)
+    from the unit vectors that rank like the similarity (similarity.embedding; ConfigError for fusions that
+    have none, such as cross-feature or min/max ones). The embeddings go in as float32: re_ranking squares the
+    distances into float32 anyway, and its three input matrices are then half the size (at the LLCM size
+    7,000 + 3,500 items: 340 MB instead of 690 MB)."""
+    def distance(row_feats, column_feats, fusion):
+        if fusion.embedding_weights() is None:
+            raise utils.ConfigError("re-ranking needs one feature per image that ranks like the similarity, and "
+                                    "this mode has none (cross-feature, min or max terms): choose another --modes")
+        rows, columns = (similarity.embedding({key: np.asarray(feats[key], dtype=np.float32)
+                                               for key in fusion.embedding_weights()}, fusion)
                          for feats in (row_feats, column_feats))
         if not (np.isfinite(rows).all() and np.isfinite(columns).all()):
             raise utils.ConfigError("re-ranking needs finite features, and some are not (see the warning above): "
@@ -78,7 +86,7 @@ def summarise(per_trial):
             {m: reduce(r, np.std) for m, r in per_trial.items()})
 
 
-def results_table(mean, std, modes, title, labels=MODE_LABELS):
+def results_table(mean, std, modes, title, labels=similarity.STANDARD_LABELS):
     """Rank-1/5/10/20, mAP and mINP as 'mean ± std' in %, one row per similarity mode."""
     def cell(m, s):
         return f"{100 * m:.2f} ± {100 * s:.2f}"
@@ -114,17 +122,19 @@ def rerank_parameters(values):
 
 
 def save_features(path, protocol, query, gallery, options=None):
-    """The protocol's features, labels, cameras, paths and trial galleries as one .npz (tools/visualize.py,
-    test.py --features). Features stay float64, as evaluated, so that re-evaluating them reproduces the
-    numbers exactly. options: JSON-friendly settings of the run (protocol options, flip, model, ...)."""
+    """The protocol's features (every name the network gives: `query_<name>`, `gallery_<name>`), labels,
+    cameras, paths and trial galleries as one .npz (tools/visualize.py, test.py --features). Features stay
+    float64, as evaluated, so that re-evaluating them reproduces the numbers exactly. options: JSON-friendly
+    settings of the run (protocol options, flip, model, ...)."""
+    if list(query) != list(gallery):
+        raise ValueError(f"query features {list(query)} and gallery features {list(gallery)} differ")
     arrays = {"protocol": np.array(protocol.name), "metric": np.array(protocol.metric),
               "options": np.array(json.dumps(options or {}, sort_keys=True)),
-              "query_pool": np.asarray(query["pool"], dtype=np.float64),
-              "query_bn": np.asarray(query["bn"], dtype=np.float64),
+              "feature_names": np.array(list(query), dtype=str),
+              **{f"{side}_{name}": np.asarray(value, dtype=np.float64)
+                 for side, feats in (("query", query), ("gallery", gallery)) for name, value in feats.items()},
               "query_pids": np.asarray(protocol.query_pids), "query_cams": np.asarray(protocol.query_cams),
               "query_paths": np.array(protocol.query_paths, dtype=str), "query_modal": np.array(protocol.query_modal),
-              "gallery_pool": np.asarray(gallery["pool"], dtype=np.float64),
-              "gallery_bn": np.asarray(gallery["bn"], dtype=np.float64),
               "gallery_pids": np.asarray(protocol.gallery_pids), "gallery_cams": np.asarray(protocol.gallery_cams),
               "gallery_paths": np.array(protocol.gallery_paths, dtype=str),
               "gallery_modal": np.array(protocol.gallery_modal), "trials": np.asarray(protocol.trials, dtype=np.int64),
@@ -142,7 +152,14 @@ class FeaturesFileError(ValueError):
     """A features file that is missing, unreadable or not written by save_features."""
 
 
-FEATURE_SIDE_KEYS = ("pool", "bn", "pids", "cams", "paths", "modal")
+LABEL_SIDE_KEYS = ("pids", "cams", "paths", "modal")
+# Files written before the names were stored hold these.
+DEFAULT_FEATURE_NAMES = ("pool", "bn")
+
+
+def feature_names(data):
+    """The feature names of a features file's arrays."""
+    return tuple(str(name) for name in data["feature_names"]) if "feature_names" in data else DEFAULT_FEATURE_NAMES
 
 
 def read_features_file(path):
@@ -155,7 +172,8 @@ def read_features_file(path):
             data = {key: npz[key] for key in npz.files}
     except Exception as exc:  # zipfile/pickle/format errors all mean "not a features npz"
         raise FeaturesFileError(f"cannot read features file {path}: {exc}") from None
-    required = [f"{side}_{key}" for side in ("query", "gallery") for key in FEATURE_SIDE_KEYS] + ["trials"]
+    required = [f"{side}_{key}" for side in ("query", "gallery")
+                for key in LABEL_SIDE_KEYS + feature_names(data)] + ["trials"]
     missing = [key for key in required if key not in data]
     if missing:
         raise FeaturesFileError(f"{path} lacks key(s) {', '.join(missing)}: not a test.py --save-features file")
@@ -185,7 +203,7 @@ def load_features(path):
         trial_indices=trial_indices, transpose=bool(data.get("transpose", False)),
         **{f"{side}_{key}": data[f"{side}_{key}"] for side in ("query", "gallery")
            for key in ("pids", "cams", "paths", "modal")})
-    features = [{key: data[f"{side}_{key}"] for key in ("pool", "bn")} for side in ("query", "gallery")]
+    features = [{name: data[f"{side}_{name}"] for name in feature_names(data)} for side in ("query", "gallery")]
     return protocol, features[0], features[1], json.loads(str(data["options"]))
 
 
@@ -239,7 +257,7 @@ def camera_label(cam, low_light):
     return f"cam{cam}" + (" (low-light)" if cam in low_light else "")
 
 
-def by_camera_table(summary, modes, title, labels=MODE_LABELS, low_light=()):
+def by_camera_table(summary, modes, title, labels=similarity.STANDARD_LABELS, low_light=()):
     """Rank-1, mAP and mINP (mean ± std in %) per similarity mode, side and camera, and per side the gap
     between the best and the worst camera. Sides with one camera are left out (they repeat the overall
     numbers)."""

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import loss as losses
 import resnet
+import similarity
 from data_loader import RGB
 from utils import ConfigError
 
@@ -52,7 +53,9 @@ class Method:
     view_modalities = ()         # source modality of each view of a training item, in item order
     defaults = {}                # the official recipe: train.py fills every unset flag from here
     report_modes = DEFAULT_REPORT_MODES
-    mode_names = {}              # the method's own names of similarity modes in result tables (DEEN: S7, S8)
+    fusions = {}                 # the method's own similarity modes: {name: similarity.Fusion} (MMN's o-m, ...)
+    mode_names = {}              # the method's own labels of similarity modes in result tables (DEEN: S7, S8)
+    selection_mode = "bn"        # the similarity whose Rank-1 picks train.py's best epoch (the official choice)
 
     def view_transforms(self, img_h, img_w):
         """One transform per view (uint8 HxWx3 array -> normalised tensor), in `view_modalities` order."""
@@ -129,3 +132,19 @@ class Method:
     def modes(self, dataset):
         """Similarities test.py reports for `dataset` by default."""
         return self.report_modes[dataset]
+
+    def similarity_modes(self):
+        """{mode name: similarity.Fusion}: the standard similarities and the method's own."""
+        return {**similarity.STANDARD_FUSIONS, **self.fusions}
+
+    def mode_labels(self):
+        """{mode name: label in result tables} of every similarity_modes() entry."""
+        return {**similarity.STANDARD_LABELS, **self.mode_names}
+
+    def check_modes(self, modes):
+        """ConfigError naming the choices unless every mode is one of this method's similarities."""
+        unknown = [mode for mode in modes if mode not in self.similarity_modes()]
+        if unknown:
+            raise ConfigError(f"--modes {' '.join(unknown)}: {self.name} reports "
+                              f"{', '.join(self.similarity_modes())}")
+        return tuple(modes)

@@ -59,6 +59,7 @@ class DEENMethod(Method):
     # S7 (sum of six) and S8 (0.1 pool + 0.9 BN) first, as DEEN test.py prints them.
     report_modes = {dataset: ("sum", "weighted", "pool", "bn") for dataset in ("sysu", "regdb", "llcm")}
     mode_names = {"sum": "S7 (sum of 6)", "weighted": "S8 (0.1 pool + 0.9 bn)"}
+    selection_mode = "sum"       # DEEN train.py keeps the epoch of the best S7 Rank-1
 
     def view_transforms(self, img_h, img_w, dataset=None):
         """DEEN's one chain for both modalities (REFERENCE 10.2); the erasing area depends on the dataset."""

@@ -404,18 +404,22 @@ class CrossModalNet(nn.Module):
         return l2_normalize(x_pool), l2_normalize(feat)
 
     def test_features(self, images, modal, flip=False):
-        """(pool, bn) L2-normalised test features of eval-mode images of one modality: the same images go to
-        every stem (official test protocol). flip: CAJ's flip test-time augmentation (`flip_average`).
-        Networks with several embeddings per image (DEEN) define their own."""
+        """{"pool", "bn"}: L2-normalised test features [N, D] of eval-mode images of one modality, the same
+        images going to every stem (official test protocol). flip: CAJ's flip test-time augmentation
+        (`flip_average`). Networks with several embeddings per image (DEEN, MMN) define their own; the names
+        are those of similarity.py's fusions."""
         pool, bn = self(*([images] * self.num_inputs), modal=modal)
         if flip:
             pool_flipped, bn_flipped = self(*([images.flip(3)] * self.num_inputs), modal=modal)
             pool, bn = flip_average(pool, pool_flipped), flip_average(bn, bn_flipped)
-        return pool, bn
+        return {"pool": pool, "bn": bn}
 
     @property
     def test_feature_dim(self):
         return self.feat_dim
+
+    # The names of test_features' dict, in order (an empty extraction still has them).
+    test_feature_names = ("pool", "bn")
 
     def _check_modal(self, modal):
         if modal not in (0, 1, 2):
@@ -548,10 +552,11 @@ def flip_average(features, flipped_features):
 
 
 def extract_features(model, loader, modal, device, *, flip=False, channels_last=False, progress=True):
-    """(pool, bn) float64 features [N, C] (L2-normalised) of every loader image, in loader order.
+    """{feature name: float64 array [N, D]} (L2-normalised; "pool" and "bn", and whatever else the network's
+    test_features names) of every loader image, in loader order.
 
     Eval mode, inference mode, float32. The same image goes to every stem (official test protocol,
-    IRL averages its two stems of `modal`). flip: CAJ's flip test-time augmentation (`flip_average`).
+    IRL averages its two stems of `modal`). flip: the network's flip test-time augmentation.
     channels_last also converts the model; its train/eval mode is restored afterwards.
     """
     if modal not in (1, 2):
@@ -563,25 +568,23 @@ def extract_features(model, loader, modal, device, *, flip=False, channels_last=
         net.to(memory_format=torch.channels_last)
     was_training = net.training
     net.eval()
-    pools, bns = [], []
+    batches = []
     shown = Progress(len(loader.dataset), f"features of {MODAL_NAMES[modal]} images", "img") if progress else None
     try:
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for imgs, _ in loader:
                 x = imgs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                pool, bn = net.test_features(x, modal, flip=flip)
-                pools.append(pool.double().cpu().numpy())
-                bns.append(bn.double().cpu().numpy())
+                batches.append({name: feats.double().cpu().numpy()
+                                for name, feats in net.test_features(x, modal, flip=flip).items()})
                 if shown is not None:
                     shown.update(len(imgs))
     finally:
         net.train(was_training)
         if shown is not None:
             shown.close()
-    if not pools:
-        empty = np.zeros((0, net.test_feature_dim))
-        return empty, empty.copy()
-    return np.concatenate(pools), np.concatenate(bns)
+    if not batches:
+        return {name: np.zeros((0, net.test_feature_dim)) for name in net.test_feature_names}
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
 # Modules trained at the full LR, one SGD group each, unless a network lists its own in `HEAD_MODULES`
@@ -661,7 +664,10 @@ def _check_state(net, state, fmt, source):
     extra = set(state) - set(ours)
     unused = net.official_unused_keys()
     if fmt == "official" or (fmt == "state_dict" and extra and extra <= unused):
-        missing = [k for k in ours if k not in state] + sorted(unused - extra)
+        # Our additions that official files cannot hold (MMN's trained DCL head) may be absent: they keep the
+        # model's values.
+        optional = getattr(net, "official_optional_keys", set)()
+        missing = [k for k in ours if k not in state and k not in optional] + sorted(unused - extra)
         unexpected = extra - unused
     else:
         missing, unexpected = [k for k in ours if k not in state], extra
@@ -707,6 +713,7 @@ def load_checkpoint(model, path_or_state, *, source=None):
                                   f"model; this model is {net.method}/{net.arch}")
     state = _strip_module_prefix(state)
     _check_state(net, state, meta["format"], source)
-    net.load_state_dict({k: state[k] for k in net.state_dict()}, strict=True)
+    current = net.state_dict()
+    net.load_state_dict({k: state[k] if k in state else current[k] for k in current}, strict=True)
     return meta
 

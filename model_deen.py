@@ -237,15 +237,17 @@ class DEEN(nn.Module):
     def test_feature_dim(self):
         return self.feat_dim * self.blocks
 
+    test_feature_names = ("pool", "bn")
+
     def set_grad_checkpointing(self, enabled=True):
         """Activation checkpointing is not written for DEEN's blocks yet: refused in one line, never ignored."""
         if enabled:
             raise ConfigError("--grad-checkpoint is not available for DEEN yet (IRL, AGW and CAJ have it)")
 
     def test_features(self, images, modal, flip=False):
-        """(pool, bn) [N, 3D] of eval-mode images of one modality (`image_embeddings`); flip: DEEN's flip-sum."""
+        """{"pool", "bn"} [N, 3D] of eval-mode images of one modality (`image_embeddings`); flip: DEEN's flip-sum."""
         pool, bn = self(images, images, modal=modal)
         if flip:
             pool_flipped, bn_flipped = self(images.flip(3), images.flip(3), modal=modal)
             pool, bn = flip_sum(pool, pool_flipped), flip_sum(bn, bn_flipped)
-        return image_embeddings(pool, self.blocks), image_embeddings(bn, self.blocks)
+        return {"pool": image_embeddings(pool, self.blocks), "bn": image_embeddings(bn, self.blocks)}

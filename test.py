@@ -27,6 +27,7 @@ import eval_metrics
 import evaluation
 import methods
 import model as models
+import similarity
 import utils
 
 DATASETS = data_manager.DATASETS
@@ -52,8 +53,9 @@ def build_parser():
     add("--direction", choices=("ir2vis", "vis2ir"), help="LLCM search direction (default ir2vis, IRL README)")
     add("--deen-transposed", dest="deen_transposed", action="store_true",
         help="LLCM vis2ir only: DEEN's transposed computation (REFERENCE 10.3)")
-    add("--modes", nargs="+", choices=eval_metrics.SIMILARITY_MODES,
-        help="similarities to report (default: LLCM sum weighted pool bn; SYSU/RegDB bn pool)")
+    add("--modes", nargs="+", metavar="MODE",
+        help="similarities to report: pool, bn, sum, weighted, or the method's own (e.g. MMN's bn_om); default: "
+             "the method's official rows (AGW family: bn pool; LLCM: sum weighted pool bn)")
     add("--flip", action="store_true",
         help="flip test-time augmentation, CAJ's rule: features of the image and its mirror image averaged, then "
              "L2-normalised again (labelled 'flip' in the table and the JSON)")
@@ -71,6 +73,8 @@ def build_parser():
                                                                      "the CPU count)")
     add("--gpu", default="0", help="CUDA device index")
     add("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    add("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
+        help="channels-last memory format for feature extraction (default: on CUDA only; same features)")
     add("--output", help="results JSON (default: next to the checkpoint, or in --log_path)")
     add("--log_path", help="folder for the results JSON when --output is not given")
     add("--save-features", dest="save_features", metavar="NPZ", help="write query/gallery features here")
@@ -314,13 +318,16 @@ def model_evaluations(args, log, data_path, distance):
     """Per protocol job: (protocol, evaluate_protocol result, settings, checkpoint key, source path), from the
     checkpoints' models; writes --save-features files on the way."""
     device = utils.resolve_device(args.device, args.gpu, logger=log)
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
     jobs = protocol_jobs(args, data_path)
     modes = None
     for protocol, path, ckpt, split in jobs:
         net, settings = load_model(utils.load_torch_file(path) if ckpt is None else ckpt, path, args, device, split)
         log.info(f"{protocol.name}: {path} ({settings['source']}: {settings['method']} {settings['arch']} "
                  f"{settings['img_h']}x{settings['img_w']}, {settings['num_classes']} classes)")
-        modes = modes or tuple(args.modes or methods.get(settings["method"]).modes(args.dataset))
+        method = methods.get(settings["method"])
+        modes = modes or method.check_modes(args.modes or method.modes(args.dataset))
         protocol = protocol.used_gallery_only()
         if len(protocol.trial_indices) > 1 and all(np.array_equal(protocol.trial_indices[0], t)
                                                    for t in protocol.trial_indices[1:]):
@@ -328,7 +335,9 @@ def model_evaluations(args, log, data_path, distance):
                      f"covers every (identity, camera) folder), so the {len(protocol.trials)} trials are identical "
                      f"and their std is 0")
         result, query, gallery = evaluation.evaluate(net, protocol, settings["img_h"], settings["img_w"],
-                                                     args.test_batch, args.workers, device, modes, flip=args.flip,
+                                                     args.test_batch, args.workers, device, modes,
+                                                     fusions=method.similarity_modes(), flip=args.flip,
+                                                     channels_last=args.channels_last,
                                                      warn=log.warning, distance=distance, by_camera=args.by_camera)
         key = "all" if split is None else str(split)
         if args.save_features:
@@ -344,10 +353,12 @@ def feature_evaluations(args, log, loaded, distance):
     checkpoints as saved."""
     for path, (protocol, query, gallery, options) in zip(args.features, loaded):
         log.info(f"{protocol.name}: features {path} (saved from {', '.join(options['checkpoint'].values())})")
-        modes = tuple(args.modes or methods.get(options["model"]["method"]).modes(args.dataset))
+        method = methods.get(options["model"]["method"])
+        modes = method.check_modes(args.modes or method.modes(args.dataset))
         for message in eval_metrics.non_finite_warnings(query, gallery):
             log.warning(message)
-        result = eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes, distance=distance,
+        result = eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes,
+                                                fusions=method.similarity_modes(), distance=distance,
                                                 by_camera=args.by_camera)
         (key, checkpoint), = options["checkpoint"].items()
         yield protocol, result, options["model"], key, checkpoint, modes
@@ -363,7 +374,7 @@ def run_test(args):
         check_args(args)
         data_path = args.data_path or DATASETS[args.dataset].default_path
     preset, rerank_params = rerank_parameters(args.rerank)
-    distance = (eval_metrics.negative_similarity if rerank_params is None
+    distance = (similarity.negative_similarity if rerank_params is None
                 else evaluation.reranked_distance(**rerank_params))
     if args.features:
         evaluations = feature_evaluations(args, log, loaded, distance)
@@ -432,7 +443,7 @@ def camera_results(args, info, by_camera, several_cameras, modes, log, labels):
 def mode_labels(args, settings):
     """Row labels of the similarity modes (the method's own names where it has them, e.g. DEEN's S7/S8); the
     test-time options that change the features are named in them."""
-    names = {**evaluation.MODE_LABELS, **methods.get(settings["method"]).mode_names}
+    names = methods.get(settings["method"]).mode_labels()
     return {mode: label + (" + flip" if args.flip else "") + (" + re-ranked" if args.rerank is not None else "")
             for mode, label in names.items()}
 

@@ -46,8 +46,8 @@ RESUME_LOCKED = ("dataset", "method", "arch", "img_h", "img_w", "batch_size", "n
                  "loss_tri", "margin", "lr_scheduler", "warmup_epochs", "milestones", "optim", "backbone_lr_mult",
                  "seed", "trial", "val", "mode")
 SELECTION_RULES = {
-    False: "test-set selection (Q-22): BN-feature Rank-1 on the trial-0 test gallery",
-    True: "validation selection (--val): BN-feature Rank-1 on held-out training identities",
+    False: "test-set selection (Q-22): Rank-1 of the method's selection similarity on the trial-0 test gallery",
+    True: "validation selection (--val): Rank-1 of the method's selection similarity on held-out training identities",
 }
 
 
@@ -502,18 +502,26 @@ def step_line(run, epoch, step, steps, averages, images, elapsed):
             f"ETA epoch {progress.format_seconds(epoch_eta)}, run {progress.format_seconds(run_eta)} (training only)")
 
 
+def evaluated_modes(method):
+    """The similarities train.py evaluates: the method's selection mode, then BN and pool."""
+    return tuple(dict.fromkeys((method.selection_mode, "bn", "pool")))
+
+
 def evaluate(run):
     cfg = run.config
     result, _, _ = evaluation.evaluate(run.bare_net, run.protocol, cfg["img_h"], cfg["img_w"], cfg["test_batch"],
-                                       cfg["workers"], run.device, ("bn", "pool"), progress=False,
-                                       warn=run.log.warning)
+                                       cfg["workers"], run.device, evaluated_modes(run.method),
+                                       fusions=run.method.similarity_modes(), channels_last=cfg["channels_last"],
+                                       progress=False, warn=run.log.warning)
     return plain(result)
 
 
-def summary_line(result):
+def summary_line(result, method):
     parts = []
-    for mode, label in (("bn", "BN/FC"), ("pool", "POOL")):
+    labels = method.mode_labels()
+    for mode in evaluated_modes(method):
         m = result["mean"][mode]
+        label = labels[mode]
         rank10 = m["cmc"][min(10, len(m["cmc"])) - 1]   # galleries under 10 images have shorter CMCs
         parts.append(f"{label}: Rank-1 {100 * m['cmc'][0]:.2f}% Rank-10 {100 * rank10:.2f}% "
                      f"mAP {100 * m['mAP']:.2f}% mINP {100 * m['mINP']:.2f}%")
@@ -538,14 +546,14 @@ def end_of_epoch(run, epoch, stats):
     if due_for_evaluation(cfg, epoch):
         start = time.time()
         result = evaluate(run)
-        record["eval"] = {mode: result["mean"][mode] for mode in ("bn", "pool")}
+        record["eval"] = {mode: result["mean"][mode] for mode in evaluated_modes(run.method)}
         record["eval_seconds"] = round(time.time() - start, 2)
-        log.info(f"Eval epoch {epoch} on {run.protocol.name}: {summary_line(result)}")
-        rank1 = result["mean"]["bn"]["cmc"][0]
+        log.info(f"Eval epoch {epoch} on {run.protocol.name}: {summary_line(result, run.method)}")
+        rank1 = result["mean"][run.method.selection_mode]["cmc"][0]
         if rank1 > run.best_metric:      # first evaluation always sets a best (Q-29)
             run.best_metric, run.best_epoch = rank1, epoch
             utils.save_checkpoint_atomic(checkpoint_state(run, epoch, record), run.paths["best"])
-            log.info(f"New best checkpoint (epoch {epoch}, BN Rank-1 {100 * rank1:.2f}%; "
+            log.info(f"New best checkpoint (epoch {epoch}, {selection_label(run.method)} Rank-1 {100 * rank1:.2f}%; "
                      f"{SELECTION_RULES[cfg['val']]}): {run.paths['best']}")
     record.update(best_metric=run.best_metric, best_epoch=run.best_epoch)
     state = checkpoint_state(run, epoch, record)
@@ -723,7 +731,11 @@ def train(args):
 def best_so_far(run):
     if run.best_epoch < 0:
         return "no evaluation yet"
-    return f"best BN Rank-1 {100 * run.best_metric:.2f}% at epoch {run.best_epoch}"
+    return f"best {selection_label(run.method)} Rank-1 {100 * run.best_metric:.2f}% at epoch {run.best_epoch}"
+
+
+def selection_label(method):
+    return method.mode_labels()[method.selection_mode]
 
 
 def main(argv=None):

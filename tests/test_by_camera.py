@@ -1,5 +1,5 @@
-"""Per-camera metrics (eval_metrics.evaluate_by_camera), the similarity modes' unit embeddings
-(eval_metrics.mode_embedding), evaluate_protocol's distance and by_camera options, and the per-camera summary
+"""Per-camera metrics (eval_metrics.evaluate_by_camera), evaluate_protocol's distance and by_camera options,
+and the per-camera summary
 (evaluation.summarise_by_camera), on hand-made cases whose per-camera ranks are worked out below."""
 from types import SimpleNamespace
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import evaluation
-from eval_metrics import (MODE_WEIGHTS, eval_llcm, eval_sysu, evaluate_by_camera, evaluate_protocol, mode_embedding,
-                          negative_similarity, similarity)
+from eval_metrics import eval_llcm, eval_sysu, evaluate_by_camera, evaluate_protocol
+from similarity import STANDARD_FUSIONS, Fusion, negative_similarity
 
 # Two SYSU queries (pid 1 from IR cam3, pid 2 from IR cam6) against six gallery images: one per
 # (pid 1|2, camera 1|2|4).
@@ -103,27 +103,6 @@ def unit_rows(rng, n, c):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("mode", list(MODE_WEIGHTS))
-def test_mode_embedding_cosine_is_the_mode_similarity_scaled(mode):
-    rng = np.random.default_rng(3)
-    query = {"pool": unit_rows(rng, 7, 5), "bn": unit_rows(rng, 7, 5)}
-    gallery = {"pool": unit_rows(rng, 9, 5), "bn": unit_rows(rng, 9, 5)}
-    q, g = mode_embedding(query, mode), mode_embedding(gallery, mode)
-    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-12)
-    total = sum(MODE_WEIGHTS[mode].values())
-    # Literal oracle: the weighted sum of the per-feature dot products, term by term.
-    literal = np.array([[sum(w * float(np.dot(query[k][i], gallery[k][j])) for k, w in MODE_WEIGHTS[mode].items())
-                         for j in range(9)] for i in range(7)])
-    np.testing.assert_allclose(q @ g.T * total, literal, atol=1e-12)
-    np.testing.assert_allclose(similarity(query, gallery, mode), literal, atol=1e-12)
-    assert (np.argsort(-(q @ g.T), axis=1) == np.argsort(-literal, axis=1)).all()
-
-
-def test_mode_embedding_rejects_an_unknown_mode():
-    with pytest.raises(ValueError, match="unknown similarity mode"):
-        mode_embedding({"pool": np.ones((1, 1))}, "max")
-
-
 PERMUTED = np.array([4, 5, 0, 1, 2, 3])
 
 
@@ -140,7 +119,7 @@ def test_evaluate_protocol_takes_a_distance_and_reports_every_trial_by_camera():
     gallery = {"pool": unit_rows(rng, 6, 4), "bn": unit_rows(rng, 6, 4)}
     columns_seen = []
 
-    def hand_distance(rows, columns, mode):
+    def hand_distance(rows, columns, fusion):
         """DISTMAT for the trial's gallery order, found by matching the trial's feature rows."""
         order = [int(np.flatnonzero((gallery["bn"] == row).all(axis=1))[0]) for row in columns["bn"]]
         columns_seen.append(order)
@@ -191,7 +170,17 @@ def test_reranking_non_finite_features_is_a_one_line_config_error():
     query = {"bn": unit_rows(rng, 3, 4)}
     gallery = {"bn": unit_rows(rng, 5, 4)}
     distance = evaluation.reranked_distance(k1=2, k2=1, lambda_value=0.3)
-    assert distance(query, gallery, "bn").shape == (3, 5)
+    assert distance(query, gallery, STANDARD_FUSIONS["bn"]).shape == (3, 5)
     query["bn"][1, 0] = np.nan
     with pytest.raises(utils.ConfigError, match="re-ranking needs finite features"):
-        distance(query, gallery, "bn")
+        distance(query, gallery, STANDARD_FUSIONS["bn"])
+
+
+def test_reranking_a_fusion_without_one_feature_per_image_is_a_one_line_config_error():
+    import utils
+    rng = np.random.default_rng(8)
+    query, gallery = ({"bn": unit_rows(rng, n, 4), "bn_m": unit_rows(rng, n, 4)} for n in (3, 5))
+    distance = evaluation.reranked_distance(k1=2, k2=1, lambda_value=0.3)
+    for fusion in (Fusion((("bn", "bn_m", 1.0),)), Fusion((("bn", "bn", 1.0), ("bn_m", "bn_m", 1.0)), "max")):
+        with pytest.raises(utils.ConfigError, match="this mode has none"):
+            distance(query, gallery, fusion)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import eval_metrics
 import loss as losses
 import model_deen as D
 import methods
 import model as M
 import utils
+from similarity import STANDARD_FUSIONS, similarity
 from conftest import SPEC_GOLDEN_DIR
 
 EXTRA = os.path.join(SPEC_GOLDEN_DIR, "deen_extra_goldens.npz")
@@ -92,8 +92,8 @@ def test_sum_and_weighted_modes_of_image_embeddings_are_s7_and_s8():
     bn_sims = [q_bn[4 * b:4 * b + 4] @ g_bn[6 * b:6 * b + 6].T for b in range(3)]
     s7 = sum(pool_sims) + sum(bn_sims)
     s8 = 0.1 * sum(pool_sims) + 0.9 * sum(bn_sims)
-    np.testing.assert_allclose(eval_metrics.similarity(qf, gf, "sum"), s7.numpy(), atol=1e-12)
-    np.testing.assert_allclose(eval_metrics.similarity(qf, gf, "weighted"), s8.numpy(), atol=1e-12)
+    np.testing.assert_allclose(similarity(qf, gf, STANDARD_FUSIONS["sum"]), s7.numpy(), atol=1e-12)
+    np.testing.assert_allclose(similarity(qf, gf, STANDARD_FUSIONS["weighted"]), s8.numpy(), atol=1e-12)
 
 
 class TTAStub(torch.nn.Module):
@@ -118,8 +118,8 @@ def test_flip_sum_reproduces_the_deen_test_time_golden():
     golden = np.load(EXTRA)
     images = torch.from_numpy(golden["tta__images"])
     net = TTAStub(golden)
-    pool, bn = (torch.cat(parts) for parts in zip(*(D.DEEN.test_features(net, batch, 1, flip=True)
-                                                     for batch in (images[:3], images[3:]))))
+    batches = [D.DEEN.test_features(net, batch, 1, flip=True) for batch in (images[:3], images[3:])]
+    pool, bn = (torch.cat([features[name] for features in batches]) for name in ("pool", "bn"))
     assert net.calls == 4
     d = 16
     for block in range(3):

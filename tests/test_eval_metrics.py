@@ -1,4 +1,4 @@
-"""eval_metrics: goldens, parity with a literal per-query oracle, similarity and protocols.
+"""eval_metrics: goldens, parity with a literal per-query oracle, and protocols.
 
 The `literal_eval_*` functions below follow the official AGW/IRL eval_metrics.py loop line by
 line (REFERENCE 3; the standard CMC that eval_sysu/eval_llcm compute and discard is left out),
@@ -19,7 +19,8 @@ import pytest
 
 import eval_metrics
 from conftest import GOLDEN_DIR
-from eval_metrics import eval_llcm, eval_regdb, eval_sysu, evaluate_protocol, similarity
+from eval_metrics import eval_llcm, eval_regdb, eval_sysu, evaluate_protocol
+from similarity import STANDARD_FUSIONS, similarity
 
 
 # ----------------------------------------------------------------------------- literal oracle
@@ -588,7 +589,7 @@ def test_argument_errors(call, message):
         call()
 
 
-# ----------------------------------------------------------------------------- similarity
+# ----------------------------------------------------------------------------- features
 def _unit_rows(rng, n, c, dtype=np.float64):
     x = rng.standard_normal((n, c))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
@@ -596,34 +597,6 @@ def _unit_rows(rng, n, c, dtype=np.float64):
 
 def _features(rng, n, c=8, dtype=np.float64):
     return {"pool": _unit_rows(rng, n, c, dtype), "bn": _unit_rows(rng, n, c, dtype)}
-
-
-def test_similarity_modes():
-    rng = np.random.default_rng(0)
-    qf, gf = _features(rng, 4), _features(rng, 6)
-    s_pool, s_bn = qf["pool"] @ gf["pool"].T, qf["bn"] @ gf["bn"].T
-    np.testing.assert_allclose(similarity(qf, gf, "pool"), s_pool)
-    np.testing.assert_allclose(similarity(qf, gf, "bn"), s_bn)
-    np.testing.assert_allclose(similarity(qf, gf, "sum"), s_pool + s_bn)
-    np.testing.assert_allclose(similarity(qf, gf, "weighted"), 0.1 * s_pool + 0.9 * s_bn)
-    assert similarity(qf, gf, "bn").shape == (4, 6)
-
-
-def test_similarity_single_feature_mode_needs_only_that_feature():
-    rng = np.random.default_rng(1)
-    qf, gf = _features(rng, 3), _features(rng, 5)
-    np.testing.assert_allclose(similarity({"bn": qf["bn"]}, {"bn": gf["bn"]}, "bn"),
-                               qf["bn"] @ gf["bn"].T)
-
-
-@pytest.mark.parametrize("qf, gf, mode, message", [
-    ({"bn": np.eye(2)}, {"bn": np.eye(2)}, "cosine", "unknown similarity mode"),
-    ({"bn": np.eye(2)}, {"bn": np.eye(2)}, "sum", "needs query features"),
-    ({"pool": np.eye(2), "bn": np.eye(2)}, {"pool": np.eye(2)}, "weighted", "needs gallery"),
-])
-def test_similarity_errors(qf, gf, mode, message):
-    with pytest.raises(ValueError, match=message):
-        similarity(qf, gf, mode)
 
 
 # ----------------------------------------------------------------------------- evaluate_protocol
@@ -648,10 +621,10 @@ def _direct(protocol, qf, gf, mode, trial):
     gp, gc = protocol.gallery_pids[idx], protocol.gallery_cams[idx]
     qp, qc = protocol.query_pids, protocol.query_cams
     if protocol.transpose:
-        dist = -similarity(g_trial, qf, mode)
+        dist = -similarity(g_trial, qf, STANDARD_FUSIONS[mode])
         qp, qc, gp, gc = gp, gc, qp, qc
     else:
-        dist = -similarity(qf, g_trial, mode)
+        dist = -similarity(qf, g_trial, STANDARD_FUSIONS[mode])
     if protocol.metric == "regdb":
         return eval_regdb(dist, qp, gp)
     return {"sysu": eval_sysu, "llcm": eval_llcm}[protocol.metric](dist, qp, gp, qc, gc)

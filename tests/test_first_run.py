@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import methods
 import progress
 import utils
 from test_train import TINY, run_script, suffix_of, train_script, trained, workspace
@@ -104,8 +105,10 @@ def test_training_log_shows_steps_both_learning_rates_and_a_singular_epoch(tmp_p
 def test_resuming_a_run_never_evaluated_says_so():
     run = train_script.Run(best_metric=-1.0, best_epoch=-1)
     assert train_script.best_so_far(run) == "no evaluation yet"
-    run = train_script.Run(best_metric=0.25, best_epoch=3)
-    assert train_script.best_so_far(run) == "best BN Rank-1 25.00% at epoch 3"
+    run = train_script.Run(best_metric=0.25, best_epoch=3, method=methods.get("agw"))
+    assert train_script.best_so_far(run) == "best bn (FC) Rank-1 25.00% at epoch 3"
+    run.method = methods.get("deen")        # DEEN selects by S7, as its train.py
+    assert train_script.best_so_far(run) == "best S7 (sum of 6) Rank-1 25.00% at epoch 3"
 
 
 def one_line_error(capsys, argv):

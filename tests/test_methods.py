@@ -161,7 +161,8 @@ def test_flip_reproduces_the_caj_test_time_augmentation_golden():
     images = torch.from_numpy(golden["tta__images"])
     loader = [(images[:3], torch.zeros(3)), (images[3:], torch.zeros(2))]
     net = StubNet(golden)
-    pool, bn = M.extract_features(net, loader, modal=1, device="cpu", flip=True, progress=False)
+    features = M.extract_features(net, loader, modal=1, device="cpu", flip=True, progress=False)
+    pool, bn = features["pool"], features["bn"]
     assert net.calls == 4
     np.testing.assert_allclose(pool, golden["tta__extract_gall_feat__pool"], rtol=0, atol=1e-7)
     np.testing.assert_allclose(bn, golden["tta__extract_gall_feat__fc"], rtol=0, atol=1e-7)

@@ -294,7 +294,9 @@ def test_forward_views_checks_the_view_count():
 def test_extract_features_is_float64_eval_and_restores_mode():
     net = small().train()
     batches = [(randn((3, 3, 128, 64), 20), torch.zeros(3)), (randn((2, 3, 128, 64), 21), torch.zeros(2))]
-    pool, bn = M.extract_features(net, batches, modal=2, device="cpu", progress=False)
+    features = M.extract_features(net, batches, modal=2, device="cpu", progress=False)
+    assert list(features) == ["pool", "bn"]
+    pool, bn = features["pool"], features["bn"]
     assert net.training
     assert pool.dtype == bn.dtype == np.float64 and pool.shape == bn.shape == (5, 512)
     net.eval()
@@ -303,9 +305,11 @@ def test_extract_features_is_float64_eval_and_restores_mode():
         expected_pool, expected_bn = net(x, x, x, x, modal=2)
     np.testing.assert_allclose(pool[3:], expected_pool.numpy(), atol=1e-6)
     np.testing.assert_allclose(bn[3:], expected_bn.numpy(), atol=1e-6)
-    cl_pool, cl_bn = M.extract_features(net, batches, modal=2, device="cpu", channels_last=True, progress=False)
-    np.testing.assert_allclose(cl_pool, pool, atol=1e-5)
-    np.testing.assert_allclose(cl_bn, bn, atol=1e-5)
+    channels_last = M.extract_features(net, batches, modal=2, device="cpu", channels_last=True, progress=False)
+    np.testing.assert_allclose(channels_last["pool"], pool, atol=1e-5)
+    np.testing.assert_allclose(channels_last["bn"], bn, atol=1e-5)
+    empty = M.extract_features(net, [], modal=2, device="cpu", progress=False)
+    assert {name: value.shape for name, value in empty.items()} == {"pool": (0, 512), "bn": (0, 512)}
     with pytest.raises(ConfigError, match="modal"):
         M.extract_features(net, batches, modal=0, device="cpu", progress=False)
 

@@ -137,7 +137,7 @@ def test_cross_dataset_sysu_checkpoint(tmp_path_factory, tmp_path, dataset, flag
 
 
 @pytest.mark.parametrize("case", ["rerank words", "rerank range", "features missing", "features with resume",
-                                  "features other images", "features without model", "no input"])
+                                  "features other images", "features without model", "no input", "unknown mode"])
 def test_research_option_errors_are_one_line(sysu_saved, tmp_path, capsys, case):
     ws, _, features = sysu_saved
     argv, message = {
@@ -148,10 +148,23 @@ def test_research_option_errors_are_one_line(sysu_saved, tmp_path, capsys, case)
         "features other images": (["--features", features, "--mode", "indoor"], "saved with mode all"),
         "features without model": (["--features", features, "--flip"], "holds features without flip"),
         "no input": (["--dataset", "sysu"], "--resume"),
+        "unknown mode": (["--features", features, "--modes", "bn", "bn_om"], "--modes bn_om: irl reports pool, bn,"),
     }[case]
     code, err = run_main([*argv, *CPU], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+def test_features_file_names_its_features_and_files_without_names_hold_pool_and_bn(sysu_saved, tmp_path):
+    _, _, features = sysu_saved
+    protocol, query, gallery, _ = evaluation.load_features(features)
+    with np.load(features) as npz:
+        assert npz["feature_names"].tolist() == ["pool", "bn"]
+        arrays = {key: npz[key] for key in npz.files if key != "feature_names"}
+    np.savez(tmp_path / "unnamed.npz", **arrays)
+    _, unnamed_query, unnamed_gallery, _ = evaluation.load_features(str(tmp_path / "unnamed.npz"))
+    assert list(unnamed_query) == list(query) == ["pool", "bn"]
+    assert all(np.array_equal(unnamed_gallery[name], gallery[name]) for name in gallery)
 
 
 def test_old_features_file_without_metric_is_refused(sysu_saved, tmp_path):

@@ -25,10 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from eval_metrics import removed_gallery, similarity  # noqa: E402  (needs the repo root on sys.path)
+from eval_metrics import removed_gallery  # noqa: E402  (needs the repo root on sys.path)
+from similarity import STANDARD_FUSIONS, similarity  # noqa: E402
 import json  # noqa: E402
 
-from evaluation import (FEATURE_SIDE_KEYS, FeaturesFileError, read_features_file,  # noqa: E402
+from evaluation import (LABEL_SIDE_KEYS, FeaturesFileError, feature_names, read_features_file,  # noqa: E402
                         rerank_parameters, reranked_distance)
 
 MATPLOTLIB_MISSING = "matplotlib is required for figures: pip install matplotlib"
@@ -50,7 +51,7 @@ class VisualizeError(ValueError):
 class SavedFeatures:
     source: str
     protocol: str
-    query: dict            # pool, bn, pids, cams, paths, modal (per-sample arrays)
+    query: dict            # the features (pool, bn, ...), pids, cams, paths, modal (per-sample arrays)
     gallery: dict
     trials: list           # trial ids
     trial_indices: list    # per trial, indices into the gallery arrays
@@ -72,7 +73,7 @@ class SavedFeatures:
     def trial_sets(self, pos):
         """(probes, ranked set) for trial position `pos`: the query set and that trial's gallery, swapped
         when the protocol is evaluated transposed. Each is a dict of per-sample arrays
-        (evaluation.FEATURE_SIDE_KEYS)."""
+        (the features and evaluation.LABEL_SIDE_KEYS)."""
         gallery = {key: _take(values, self.trial_indices[pos]) for key, values in self.gallery.items()}
         return (gallery, self.query) if self.transpose else (self.query, gallery)
 
@@ -96,7 +97,7 @@ def load_features(path) -> SavedFeatures:
 
 
 def _side(data, side):
-    arrays = {key: data[f"{side}_{key}"] for key in FEATURE_SIDE_KEYS}
+    arrays = {key: data[f"{side}_{key}"] for key in feature_names(data) + LABEL_SIDE_KEYS}
     n = len(arrays["pids"])
     arrays["modal"] = np.broadcast_to(np.asarray(arrays["modal"], dtype=np.int64), (n,))
     arrays["paths"] = [str(p) for p in arrays["paths"]]
@@ -211,7 +212,7 @@ def ranked_rows(feats: SavedFeatures, mode, trial_pos, num_queries, top_k, seed,
     """Build the row descriptions for `render_ranked_rows` (query choice, ranking, true/false flags)."""
     probes, ranked_set = feats.trial_sets(trial_pos)
     g_pids, g_cams = ranked_set["pids"], ranked_set["cams"]
-    sim = similarity(probes, ranked_set, mode)          # reads only the pool/bn entries it needs
+    sim = similarity(probes, ranked_set, STANDARD_FUSIONS[mode])    # reads only the features it needs
     keep = [~excluded_gallery(feats.metric, p, c, g_pids, g_cams) for p, c in zip(probes["pids"], probes["cams"])]
     rows = []
     for qi in pick_queries(probes["pids"], g_pids, keep, num_queries, seed):
@@ -267,8 +268,9 @@ def rerank_moves(feats: SavedFeatures, mode, trial_pos, params):
     probes, ranked_set = feats.trial_sets(trial_pos)
     keep = np.array([~excluded_gallery(feats.metric, p, c, ranked_set["pids"], ranked_set["cams"])
                      for p, c in zip(probes["pids"], probes["cams"])])
-    before = similarity(probes, ranked_set, mode)
-    after = -reranked_distance(**params)(probes, ranked_set, mode).astype(np.float64)
+    fusion = STANDARD_FUSIONS[mode]
+    before = similarity(probes, ranked_set, fusion)
+    after = -reranked_distance(**params)(probes, ranked_set, fusion).astype(np.float64)
     return (before, after, keep, first_hits(before, keep, probes["pids"], ranked_set["pids"]),
             first_hits(after, keep, probes["pids"], ranked_set["pids"]))
 
