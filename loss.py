@@ -333,6 +333,55 @@ class CPMLoss(nn.Module):
             return (loss123 + loss124) / 2
 
 
+class TcaLoss(nn.Module):
+    """IFALNet's centre-alignment loss (METHODS.md 2.3) on the four row blocks [VIS, M-VIS, IR, M-IR] of x.
+
+    Per identity i, with c1..c4 its centres in the four blocks and C_ab = (c_a + c_b) / 2: the positive term is
+    max(|C13 - C24|, |C12 - C34|, |C14 - C23|) (each mixture of two blocks against the other two), summed over
+    the identities and divided by their number; `official_divisor` divides by 4 as the official code does (the
+    hard-coded divisor equals its default 4 identities per batch, where both agree). The negative term is, for
+    each row, the mean over the batch's rows of other identities of max(0, margin - |x_k - C_y|), C_y the
+    centre of that row's identity over all four blocks (so each other identity weighs by its row count), then
+    the mean over the rows; rows without another identity in the batch contribute 0 (the official code gives
+    NaN). Distances are comp_dist's (the official pdist_torch). The official code takes the block centres as
+    means of consecutive row groups in sampler order; here they are the means of each identity's rows, which is
+    the same for the identity sampler's layout (every identity's rows contiguous, in the same order in every
+    block) and needs no layout. Every identity must have rows in all four blocks (ConfigError otherwise).
+    """
+
+    OFFICIAL_DIVISOR = 4       # hard-coded in IFALNet's loss.py
+
+    def __init__(self, margin=0.7, *, official_divisor=False):
+        super().__init__()
+        self.margin, self.official_divisor = margin, official_divisor
+
+    def forward(self, x, labels):
+        with _no_autocast(x):
+            x = _full_precision(x)
+            onehot, _ = _one_hot_labels(labels, x.dtype)      # [rows, classes]; no host synchronisation
+            member = onehot.t()
+            counts = member.sum(1)
+            present = counts > 0
+            block_members = member.chunk(4, 1)
+            block_counts = torch.stack([m.sum(1) for m in block_members])
+            _require(((block_counts > 0) == present).all(),
+                     "TcaLoss: every identity must have rows in all four blocks [VIS, M-VIS, IR, M-IR]")
+            c1, c2, c3, c4 = ((m @ block) / n[:, None].clamp(min=1)
+                              for m, block, n in zip(block_members, x.chunk(4, 0), block_counts))
+
+            def mixture_distance(a, b, c, d):
+                return comp_dist((a + b) / 2, (c + d) / 2).diagonal()
+
+            positive = torch.stack((mixture_distance(c1, c3, c2, c4), mixture_distance(c1, c2, c3, c4),
+                                    mixture_distance(c1, c4, c2, c3))).amax(0)
+            positive = torch.where(present, positive, 0).sum()
+            positive = positive / (self.OFFICIAL_DIVISOR if self.official_divisor else present.sum())
+            hinge = F.relu(self.margin - comp_dist(x, (member @ x) / counts[:, None].clamp(min=1)))  # [rows, classes]
+            other_rows = (1 - onehot) * counts[None, :]
+            negative = (hinge * other_rows).sum(1) / other_rows.sum(1).clamp(min=1)
+            return positive + negative.mean()
+
+
 def ort_loss(pool):
     """DEEN's orthogonality term before its 0.01 weight (METHODS.md 1.2 item 7): sum over rows k of
     <DEE1_k, DEE2_k> of the tripled pooled batch [orig | DEE1 | DEE2], divided by its row count."""
