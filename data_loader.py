@@ -368,7 +368,8 @@ class TestData(Dataset):
         return self.transform(image), self.labels[k]
 
 
-def make_test_loader(img_paths, labels, img_h, img_w, batch_size, workers):
-    """Ordered (no shuffle) DataLoader over TestData with the test transform."""
+def make_test_loader(img_paths, labels, img_h, img_w, batch_size, workers, *, pin_memory=False):
+    """Ordered (no shuffle) DataLoader over TestData with the test transform. pin_memory: batches in page-locked
+    memory, for copies to a GPU that overlap its work (`.to(device, non_blocking=True)`); for CUDA only."""
     dataset = TestData(img_paths, labels, build_test_transform(img_h, img_w), img_size=(img_w, img_h))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)

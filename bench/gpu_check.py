@@ -3,20 +3,29 @@
     python bench/gpu_check.py [--out gpu_check.json] [--tiny] [--workers 8]
 
 On a CUDA machine (under 8 minutes on one GPU):
-  1. speed: IRL ResNet-50 384x192 and AGW ResNet-50 288x144, fp16 AMP, one warm-up epoch then one timed epoch
-     (a few dozen steps), contiguous vs channels-last vs channels-last + --compile: training images/s (view
-     images, as train.py's progress lines count them), evaluation images/s, peak GPU memory;
-  2. ddp: the same short run through torchrun (one node, NCCL, DDP) and as one plain process, on the same
-     batches: their epoch losses must match;
-  3. resume: a 2-epoch run killed once epoch 0 is saved and resumed, against an uninterrupted one: weights
-     compared tensor by tensor (--deterministic);
+  1. speed: IRL ResNet-50 384x192 and AGW ResNet-50 288x144, fp16 AMP, 10 warm-up steps then 30 timed steps,
+     contiguous vs channels-last vs channels-last + --compile: training images/s (view images, as train.py's
+     progress lines count them), evaluation images/s, peak GPU memory;
+  2. ddp: a one-node torchrun job (NCCL, DDP) of one process against an uninterrupted 2-epoch run in one plain
+     process on the same batches (their epoch losses must match; the weights' distance is reported), and, with
+     two GPUs or more, a two-process job whose ranks must end with identical parameters;
+  3. resume: the same 2-epoch run killed (SIGKILL) one step into epoch 1 and resumed from its epoch-0
+     checkpoint, against the uninterrupted run: weights compared tensor by tensor (--deterministic);
   4. everything in one JSON (--out), and a table on stdout.
-Without CUDA (or with --tiny) the same steps run tiny (ResNet-18, 32x16, the small synthetic tree, no
---compile), so that a CPU-only CI proves the script runs. Exit status 1 if a check fails.
+Without CUDA (or with --tiny) the same steps run tiny, fp32 and without --compile, so that a CPU-only CI proves
+the script runs: ResNet-18 at 32x16 on an 8-identity tree, 1 warm-up and 2 timed steps, gloo DDP with one and
+with two processes. There the ranks and the killed run are forked from this process, with the environment
+torchrun gives its workers (RANK, WORLD_SIZE, MASTER_ADDR, ...), instead of started by torchrun: a new
+interpreter costs about 4.5 CPU-seconds of imports, which would be most of the tiny run. Exit status 1 if a
+check fails.
 """
 import argparse
+import itertools
 import json
+import multiprocessing
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +42,12 @@ import utils  # noqa: E402
 from tools import make_synthetic  # noqa: E402
 
 LAST_SUFFIX = "_last.pth"
+# The tiny tree: 6 training + 2 validation identities with one image per camera folder, so that an epoch of
+# 4 identities x 2 images is 3 steps; 4 test identities.
+TINY_TREE = dict(train_ids=6, val_ids=2, test_ids=4, images=(1, 1))
+# (warm-up steps, timed steps) of a speed run.
+SPEED_STEPS = {True: (1, 2), False: (10, 30)}
+RANK_WORKER = "--rank-worker"
 
 
 def load_train_script():
@@ -58,7 +73,8 @@ def settings(tiny, device):
 
 
 def make_tree(base, tiny, sizes, workers):
-    root = make_synthetic.make_sysu(os.path.join(base, "data"), size="test" if tiny else "demo")
+    root = make_synthetic.make_sysu(os.path.join(base, "data"), **(dict(size="test", **TINY_TREE) if tiny else
+                                                                   dict(size="demo")))
     for img_h, img_w in sorted(sizes):
         code = pre_process_sysu.main(["--data-path", root, "--img-h", str(img_h), "--img-w", str(img_w),
                                       "--workers", str(workers)])
@@ -72,8 +88,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def speed_run(root, base, method, flags, variant, common):
-    """Train one warm-up and one timed epoch in this process; time one evaluation."""
+class FirstSteps:
+    """The run's loader cut to its first `steps` batches of each epoch (the epoch's plan is drawn in full)."""
+
+    def __init__(self, loader, steps):
+        self.loader, self.sampler, self.steps = loader, loader.sampler, steps
+
+    def __len__(self):
+        return min(self.steps, len(self.loader))
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), len(self))
+
+
+def speed_run(root, base, method, flags, variant, common, steps):
+    """Train the warm-up steps and then the timed steps in this process; time one evaluation."""
     extra = {"contiguous": ["--no-channels-last"], "channels-last": ["--channels-last"],
              "channels-last + compile": ["--channels-last", "--compile"]}[variant]
     folder = os.path.join(base, "speed", f"{method}-{variant.replace(' ', '')}")
@@ -84,7 +113,11 @@ def speed_run(root, base, method, flags, variant, common):
     device = run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    warm_up, timed = steps
+    loader = run.loader
+    run.loader = FirstSteps(loader, warm_up)
     train_script.train_one_epoch(run, 0)                  # warm-up: cuDNN autotuning, compilation
+    run.loader = FirstSteps(loader, timed)
     synchronize(device)
     start = time.perf_counter()
     stats = train_script.train_one_epoch(run, 1)
@@ -113,21 +146,116 @@ def speed_run(root, base, method, flags, variant, common):
             "compiled": hasattr(run.net, "_orig_mod")}
 
 
-def script(args, cwd, torchrun=False):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] \
-        if torchrun else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"train.py {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc
+# --------------------------------------------------------------------------------------------------
+# train.py in other processes: torchrun ranks and the run that is killed
+# --------------------------------------------------------------------------------------------------
+
+def rank_worker(prefix, kill_in_epoch, train_args):
+    """train.py's main in this process (a torchrun rank, or a plain process without RANK), then this rank's
+    parameters saved to <prefix><rank>.pt for the comparison of the replicas. With `kill_in_epoch` >= 0 the
+    process SIGKILLs itself after the first training step of that epoch: deterministically after the previous
+    epoch's checkpoint, and before anything of this epoch is saved."""
+    runs = []
+    setup_run, train_one_epoch = train_script.setup_run, train_script.train_one_epoch
+
+    def recording_setup_run(args):
+        run, rng = setup_run(args)
+        runs.append(run)
+        return run, rng
+
+    def dying_train_one_epoch(run, epoch):
+        if epoch != kill_in_epoch:
+            return train_one_epoch(run, epoch)
+        run.loader = FirstSteps(run.loader, 1)
+        train_one_epoch(run, epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    train_script.setup_run, train_script.train_one_epoch = recording_setup_run, dying_train_one_epoch
+    code = train_script.main(train_args)
+    if code == 0:
+        torch.save({name: p.detach().cpu() for name, p in runs[0].bare_net.named_parameters()},
+                   f"{prefix}{os.environ.get('RANK', '0')}.pt")
+    return code
+
+
+def _forked_rank(log_path, env, prefix, kill_in_epoch, train_args):
+    os.environ.update(env)
+    torch.set_num_threads(1)          # GNU OpenMP's thread pool does not survive fork(); one thread needs none
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    sys.exit(rank_worker(prefix, kill_in_epoch, train_args))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launched:
+    """train.py started in other processes: `ranks` torchrun ranks (0: one plain process, not distributed)."""
+
+    def __init__(self, train_args, log_path, prefix, *, ranks=0, kill_in_epoch=-1, fork=False):
+        self.log_path = log_path
+        worker_args = [prefix, str(kill_in_epoch), *train_args]
+        if fork:
+            context = multiprocessing.get_context("fork")
+            port = free_port()
+            envs = [dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for r in range(ranks)] or [{}]
+            self.processes = [context.Process(target=_forked_rank, args=(f"{log_path}.{i}", env, prefix,
+                                                                         kill_in_epoch, train_args))
+                              for i, env in enumerate(envs)]
+            for process in self.processes:
+                process.start()
+            self.logs = [f"{log_path}.{i}" for i in range(len(envs))]
+        else:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        str(ranks)] if ranks else [sys.executable]
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            with open(log_path, "w") as log:
+                self.processes = [subprocess.Popen([*launcher, os.path.abspath(__file__), RANK_WORKER, *worker_args],
+                                                   cwd=os.path.dirname(log_path), stdout=log, stderr=subprocess.STDOUT,
+                                                   env=env)]
+            self.logs = [log_path]
+
+    def wait(self):
+        """The exit status of each process."""
+        codes = []
+        for process in self.processes:
+            if isinstance(process, subprocess.Popen):
+                codes.append(process.wait())
+            else:
+                process.join()
+                codes.append(process.exitcode)
+        return codes
+
+    def log_tail(self):
+        tails = []
+        for path in self.logs:
+            with open(path, errors="replace") as f:
+                tails.append(f"--- {path}\n{f.read()[-2000:]}")
+        return "\n".join(tails)
+
+
+def run_to_end(launched, what):
+    codes = launched.wait()
+    if any(codes):
+        raise RuntimeError(f"{what} exited {codes}:\n{launched.log_tail()}")
+
+
+def train_here(args, what):
+    code = train_script.main(args)
+    if code:
+        raise RuntimeError(f"{what}: train.py {' '.join(args)} exited {code}")
 
 
 def short_run_args(root, base, folder, flags, common, epochs):
     out = os.path.join(base, folder)
     flags = [f for f in flags if f != "--amp"]          # fp32: the comparisons are of fp32 runs
-    return ["--dataset", "sysu", "--data-path", root, "--method", "agw", *flags, *common, "--deterministic", "--epochs", str(epochs), "--eval-every", "100", "--model_path", out, "--log_path", out]
+    return ["--dataset", "sysu", "--data-path", root, "--method", "agw", *flags, *common, "--deterministic",
+            "--epochs", str(epochs), "--eval-every", "100", "--model_path", out, "--log_path", out]
 
 
 def metrics(folder):
@@ -141,38 +269,90 @@ def last_checkpoint(folder):
     return os.path.join(folder, name)
 
 
-def ddp_check(root, base, flags, common):
-    script(short_run_args(root, base, "ddp-single", flags, common, 1), base)
-    script(short_run_args(root, base, "ddp-torchrun", flags, common, 1), base, torchrun=True)
-    a, b = metrics(os.path.join(base, "ddp-single"))[0], metrics(os.path.join(base, "ddp-torchrun"))[0]
-    relative = abs(a["loss"] - b["loss"]) / max(abs(a["loss"]), 1e-12)
-    return {"single_loss": a["loss"], "torchrun_loss": b["loss"], "relative_difference": relative,
-            "backend": "nccl" if "cuda" in common else "gloo", "ok": relative < 1e-4}
+def straight_run(root, base, flags, common):
+    """The uninterrupted 2-epoch run in this process: the reference of the DDP and resume checks."""
+    train_here(short_run_args(root, base, "straight", flags, common, 2), "the uninterrupted run")
+    folder = os.path.join(base, "straight")
+    return [record["loss"] for record in metrics(folder)], utils.load_torch_file(last_checkpoint(folder))["model"]
 
 
-def resume_check(root, base, flags, common):
-    script(short_run_args(root, base, "straight", flags, common, 2), base)
+def compare_weights(reference, other):
+    differ = [k for k in reference if not torch.equal(reference[k], other[k])]
+    worst = max((float((reference[k].double() - other[k].double()).abs().max()) for k in differ), default=0.0)
+    return differ, worst
+
+
+def ddp_check(root, base, flags, common, world_sizes, fork, straight):
+    """DDP jobs of each world size against the uninterrupted run in one plain process: a 1-process job trains
+    on the same batches, so its epoch losses must match; the ranks of a larger job (whose batches differ) must
+    end with identical parameters."""
+    straight_losses, straight_weights = straight
+    jobs = []
+    for world_size in world_sizes:
+        folder = f"ddp-{world_size}"
+        prefix = os.path.join(base, f"{folder}-rank")
+        epochs = 2 if world_size == 1 else 1
+        launched = Launched(short_run_args(root, base, folder, flags, common, epochs),
+                            os.path.join(base, f"{folder}.log"), prefix, ranks=world_size, fork=fork)
+        run_to_end(launched, f"the {world_size}-process DDP job")
+        losses = [record["loss"] for record in metrics(os.path.join(base, folder))]
+        ranks = [torch.load(f"{prefix}{r}.pt") for r in range(world_size)]
+        differing = sorted({name for params in ranks[1:] for name in params if not torch.equal(params[name], ranks[0][name])})
+        job = {"world_size": world_size, "epochs": epochs, "losses": losses, "ranks_differing_tensors": len(differing)}
+        if world_size == 1:
+            job["relative_difference_to_single"] = max(abs(a - b) / max(abs(b), 1e-12)
+                                                       for a, b in zip(losses, straight_losses, strict=True))
+            _, job["max_weight_difference_to_single"] = compare_weights(
+                straight_weights, utils.load_torch_file(last_checkpoint(os.path.join(base, folder)))["model"])
+        job["ok"] = not differing and job.get("relative_difference_to_single", 0.0) < 1e-4
+        jobs.append(job)
+    return {"backend": "nccl" if "cuda" in common else "gloo", "launcher": "fork" if fork else "torchrun",
+            "single_losses": straight_losses, "jobs": jobs, "ok": all(job["ok"] for job in jobs)}
+
+
+def resume_check(root, base, flags, common, fork, straight):
+    """A run SIGKILLed one step into epoch 1 and resumed from its epoch-0 checkpoint, against the uninterrupted
+    run: every weight tensor must be equal."""
     args = short_run_args(root, base, "resumed", flags, common, 2)
-    last = os.path.join(base, "resumed")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=base,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while proc.poll() is None and not (os.path.isdir(last) and any(n.endswith(LAST_SUFFIX) for n in os.listdir(last))):
-            time.sleep(0.02)
-        proc.kill()
-    finally:
-        proc.wait()
-    killed_after = utils.load_torch_file(last_checkpoint(last))["epoch"]
-    script(["--resume", last_checkpoint(last)], base)
-    straight = utils.load_torch_file(last_checkpoint(os.path.join(base, "straight")))["model"]
-    resumed = utils.load_torch_file(last_checkpoint(last))["model"]
-    differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    worst = max((float((straight[k].double() - resumed[k].double()).abs().max()) for k in differ), default=0.0)
-    return {"killed_after_epoch": killed_after, "tensors": len(straight), "tensors_differing": len(differ),
-            "max_abs_difference": worst, "ok": not differ}
+    folder = os.path.join(base, "resumed")
+    killed = Launched(args, os.path.join(base, "killed.log"), os.path.join(base, "killed-rank"), kill_in_epoch=1,
+                      fork=fork)
+    codes = killed.wait()
+    if codes != [-signal.SIGKILL]:
+        raise RuntimeError(f"the run to kill exited {codes} instead of being killed:\n{killed.log_tail()}")
+    killed_after = utils.load_torch_file(last_checkpoint(folder))["epoch"]
+    train_here(["--resume", last_checkpoint(folder)], "the resumed run")
+    straight_weights = straight[1]
+    differ, worst = compare_weights(straight_weights, utils.load_torch_file(last_checkpoint(folder))["model"])
+    return {"killed_after_epoch": killed_after, "tensors": len(straight_weights), "tensors_differing": len(differ),
+            "max_abs_difference": worst, "ok": not differ and killed_after == 0}
+
+
+def print_report(report, out):
+    tiny = report["tiny"]
+    print(utils.format_table(report["speed"], ["method", "variant", "steps", "train_img_s", "eval_img_s",
+                                               "peak_gpu_mib", "compiled"],
+                             title=f"Speed on {report['device']} ({'tiny, fp32' if tiny else 'full size, fp16 AMP'})"))
+    ddp = report["ddp"]
+    for job in ddp["jobs"]:
+        against = (f" vs one process {', '.join(f'{v:.6f}' for v in ddp['single_losses'])} (relative difference "
+                   f"{job['relative_difference_to_single']:.2e}, weights {job['max_weight_difference_to_single']:.2g} "
+                   f"apart)" if job["world_size"] == 1 else "")
+        print(f"DDP ({ddp['backend']}, {ddp['launcher']}, {job['world_size']} process"
+              f"{'es' if job['world_size'] > 1 else ''}): epoch losses {', '.join(f'{v:.6f}' for v in job['losses'])}"
+              f"{against}; tensors differing between ranks: {job['ranks_differing_tensors']}: "
+              f"{'ok' if job['ok'] else 'FAILED'}")
+    r = report["resume"]
+    print(f"Killed after epoch {r['killed_after_epoch']} and resumed: {r['tensors_differing']} of {r['tensors']} "
+          f"tensors differ (max {r['max_abs_difference']:.3g}): {'ok' if r['ok'] else 'FAILED'}")
+    print(f"{report['seconds']} s; JSON: {out}")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [RANK_WORKER]:                 # a process started by Launched (torchrun's or a plain one)
+        prefix, kill_in_epoch, *train_args = argv[1:]
+        return rank_worker(prefix, int(kill_in_epoch), train_args)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--tiny", action="store_true", help="the tiny CPU version (automatic without CUDA)")
@@ -184,29 +364,24 @@ def main(argv=None):
     speed_flags, common = settings(tiny, device)
     common = [*common, "--workers", str(args.workers)]
     variants = ["contiguous", "channels-last"] + ([] if tiny else ["channels-last + compile"])
+    # NCCL allows one rank per GPU; a process that has used CUDA cannot fork, so GPU jobs start through torchrun.
+    fork = device == "cpu"
+    world_sizes = [1, 2] if fork or torch.cuda.device_count() >= 2 else [1]
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "tiny": tiny, "torch": torch.__version__}
     started = time.time()
     with tempfile.TemporaryDirectory() as base:
         sizes = {(int(f[f.index("--img_h") + 1]), int(f[f.index("--img_w") + 1])) for f in speed_flags.values()}
         root = make_tree(base, tiny, sizes, args.workers)
-        report["speed"] = [speed_run(root, base, method, flags, variant, common)
+        report["speed"] = [speed_run(root, base, method, flags, variant, common, SPEED_STEPS[tiny])
                            for method, flags in speed_flags.items() for variant in variants]
-        report["ddp"] = ddp_check(root, base, speed_flags["agw"], common)
-        report["resume"] = resume_check(root, base, speed_flags["agw"], common)
+        straight = straight_run(root, base, speed_flags["agw"], common)
+        report["ddp"] = ddp_check(root, base, speed_flags["agw"], common, world_sizes, fork, straight)
+        report["resume"] = resume_check(root, base, speed_flags["agw"], common, fork, straight)
     report["seconds"] = round(time.time() - started, 1)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    print(utils.format_table(report["speed"], ["method", "variant", "steps", "train_img_s", "eval_img_s",
-                                               "peak_gpu_mib", "compiled"],
-                             title=f"Speed on {report['device']} ({'tiny, fp32' if tiny else 'full size, fp16 AMP'})"))
-    print(f"DDP ({report['ddp']['backend']}, torchrun, 1 process) vs one process, same batches: loss "
-          f"{report['ddp']['torchrun_loss']:.6f} vs {report['ddp']['single_loss']:.6f} "
-          f"(relative difference {report['ddp']['relative_difference']:.2e}): {'ok' if report['ddp']['ok'] else 'FAILED'}")
-    r = report["resume"]
-    print(f"Killed after epoch {r['killed_after_epoch']} and resumed: {r['tensors_differing']} of {r['tensors']} "
-          f"tensors differ (max {r['max_abs_difference']:.3g}): {'ok' if r['ok'] else 'FAILED'}")
-    print(f"{report['seconds']} s; JSON: {args.out}")
-    return 0 if report["ddp"]["ok"] and r["ok"] else 1
+    print_report(report, args.out)
+    return 0 if report["ddp"]["ok"] and report["resume"]["ok"] else 1
 
 
 if __name__ == "__main__":
