@@ -11,6 +11,7 @@ Adding a method: write its room (a Method subclass), add one entry below. `regis
 import method_agw
 import method_deen
 import method_irl
+import method_mmn
 from utils import ConfigError
 
 TABLE = {}
@@ -39,5 +40,6 @@ def names():
     return tuple(TABLE)
 
 
-for _method in (method_irl.IRLMethod(), method_agw.AGWMethod(), method_agw.CAJMethod(), method_deen.DEENMethod()):
+for _method in (method_irl.IRLMethod(), method_agw.AGWMethod(), method_agw.CAJMethod(), method_deen.DEENMethod(),
+                method_mmn.MMNMethod()):
     register(_method)

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import loss as losses
+import method_mmn
+import middle_modality as mm
+import model_mmn
 from conftest import SPEC_GOLDEN_DIR
 from test_deen_model import fill_tensor
 
@@ -105,3 +108,22 @@ def test_dcl_reproduces_the_official_stripe_values(golden):
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(head.fc2[3].running_var.numpy(), golden["train_after_criterion_div_fc2_3_running_var"],
                                rtol=1e-5)
+
+
+def test_mmn_loss_terms_reproduce_train_py_on_the_official_outputs(golden):
+    """id, OriTriplet and DCL of MMNLoss on the official network's stripe features and logits."""
+    head = golden_head()
+    features = golden_stripes(golden)
+    dcl = torch.stack([head(torch.cat(f.chunk(4, 0)[1::2])) for f in features])
+    outputs = model_mmn.MMNTrainOutputs(features=tuple(features), dcl=dcl, middle_images=None, logits=tuple(
+        torch.from_numpy(golden[f"train_modal0_out{s + 4}_logits{s + 1}"]) for s in range(4)))
+    labels = torch.cat((torch.from_numpy(golden["label1"]), torch.from_numpy(golden["label2"])))
+    terms = method_mmn.MMNLoss(margin=0.3)(outputs, labels)
+    assert list(terms) == ["id", "OriTriplet", "DCL"]
+    for ours, official in (("id", "id"), ("OriTriplet", "tri"), ("DCL", "dcl")):
+        np.testing.assert_allclose(terms[ours].item(), golden[f"train_loss_{official}"], rtol=1e-5)
+    np.testing.assert_allclose(sum(terms.values()).item(), golden["train_loss_total"], rtol=1e-5)
+    triplet = losses.OriTripletLoss(0.3)
+    for s, f in enumerate(features):
+        stripe = mm.pairwise_block_triplet(f, labels[:2], labels[2:], triplet)
+        np.testing.assert_allclose(stripe.item(), golden[f"train_loss_tri_stripe{s + 1}"], rtol=1e-5)
