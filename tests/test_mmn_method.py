@@ -130,3 +130,21 @@ def test_test_features_split_the_eval_rows_into_images_and_middle_images(single_
     assert torch.equal(features["pool"], pool[:3]) and torch.equal(features["pool_m"], pool[3:])
     assert torch.equal(features["bn"], bn[:3]) and torch.equal(features["bn_m"], bn[3:])
     assert features["bn"].shape == (3, net.test_feature_dim) == (3, 4 * 512)
+
+
+def test_flip_averages_each_feature_with_that_of_the_mirrored_images(single_thread, mmn):
+    torch.manual_seed(0)
+    net = mmn.build_model(5, "resnet18", *SIZE).eval()
+    images = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        plain, mirrored = net.test_features(images, 1), net.test_features(images.flip(3), 1)
+        flipped = net.test_features(images, 1, flip=True)
+    for name in net.test_feature_names:
+        torch.testing.assert_close(flipped[name], M.flip_average(plain[name], mirrored[name]))
+
+
+def test_grad_checkpointing_is_refused_in_one_line(mmn):
+    net = mmn.build_model(5, "resnet18", *SIZE)
+    net.set_grad_checkpointing(False)
+    with pytest.raises(utils.ConfigError, match="not available for MMN"):
+        net.set_grad_checkpointing(True)
