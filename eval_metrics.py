@@ -33,6 +33,9 @@ _BLOCK_ELEMENTS = 1 << 20
 # gallery has its whole row value-sorted instead of listing those items one by one (the listing costs
 # more per item). bench/bench_metrics.py timed 0.05 ... 0.5 alike within noise.
 _SPARSE_CANDIDATE_FRACTION = 0.2
+# Which route a row takes is estimated on this many runs of this many adjacent columns (all columns
+# of smaller galleries): reading whole cache lines costs a fraction of a strided sample.
+_ROUTE_SAMPLE_RUNS, _ROUTE_RUN_LENGTH = 16, 16
 
 
 
@@ -225,11 +228,18 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     For a query whose kept true matches have the sorted distances T_0 <= ... <= T_k-1, match j sits
     at kept-list position j + (kept other-identity items closer than T_j), and the de-duplicated CMC
     hit is the number of other identities with a kept item closer than T_0. Only items at most T_k-1
-    away (the candidates) take part: they are sorted by value alone, per row, and each T_j is
-    binary-searched among them. These counts equal the argsort positions unless an other-identity
+    away (the candidates) matter. Rows with few of them list them, sort them by value and
+    binary-search each T_j among them; rows with many (near-chance models: the last match is deep)
+    sort their whole row instead. These counts equal the argsort positions unless an other-identity
     item is exactly as far as a match (then its order is a tie-break) or a match distance is NaN
     (argsort puts NaN last); such rows are returned for the full sort. Equal match distances need no
     tie-break: the matches fill the same positions in either order.
+
+    Wider floats are compared and sorted as float32 (twice as fast): rounding keeps the order (x < y
+    implies f32(x) <= f32(y)), so an item strictly below a rounded match distance is strictly below
+    the match, and one strictly above is above. Only equality is ambiguous, and it counts as a tie
+    (the row is argsorted), so the results stay exact; beyond float32's range values round to +-inf,
+    again a tie at worst.
     """
     num_rows, num_g = block.shape
     q_id = q_identity[rows]
@@ -244,28 +254,148 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     farthest = nearest.copy()
     nearest[has_match] = pair_dist[first_pair[has_match]]
     farthest[has_match] = pair_dist[first_pair[has_match] + num_kept[has_match] - 1]
-
-    # <= (not <): an other-identity item exactly as far as the last match must be seen as a tie.
-    candidate = block <= farthest[:, None]
-    candidate.reshape(-1)[own_row * num_g + own_col] = False  # matches and removed own items
     removed_cells = None
     if removed is not None and removed.other_identities:
         removed_cells = removed(rows[:, None], np.arange(num_g)[None, :])
-        np.greater(candidate, removed_cells, out=candidate)    # candidate and not removed, one pass
-    num_candidates = np.add.reduce(candidate.view(np.uint8), axis=1, dtype=np.uint32).astype(np.intp)
-    whole_row = num_candidates > _SPARSE_CANDIDATE_FRACTION * num_g
-    candidate[whole_row] = False
-    num_candidates[whole_row] = 0
+    ranked = block
+    if block.dtype.itemsize > 4:
+        with np.errstate(over="ignore"):
+            ranked, nearest, farthest, searched = (a.astype(np.float32) for a in (
+                block, nearest, farthest, pair_dist))
+    else:
+        searched = pair_dist
+    whole_row = _many_within_reach(ranked, farthest)
     distinct_before = np.zeros(num_rows, dtype=np.intp) if dedup_cmc else None
-    cand_row, value = _candidate_values(block, candidate, num_candidates, identities, nearest,
-                                        distinct_before)
-    sorted_values, start, width = _sorted_stretches(
-        block, cand_row, value, num_candidates, whole_row, own_row, own_col, removed_cells, nearest,
-        identities, distinct_before)
-    closer, tied = _search_stretches(sorted_values, start[pair_row], width[pair_row], pair_dist)
-    unsettled[pair_row[tied]] = True
+    closer = np.zeros(len(pair_row), dtype=np.intp)
+    for stretches, in_route in ((_listed_stretches, has_match & ~whole_row),
+                                (_whole_row_stretches, has_match & whole_row)):
+        selected = np.flatnonzero(in_route)
+        if len(selected) == 0:
+            continue
+        if stretches is _listed_stretches and 2 * len(selected) > num_rows:
+            # Listing reads most rows of the block: all of them in place (the others out of reach, so
+            # without candidates) costs less than copying those rows.
+            selected = np.arange(num_rows)
+        part = _RowPart(ranked, ranked is not block, selected, own_row, own_col, removed_cells)
+        sorted_values, start, width, distinct = stretches(
+            part, np.where(in_route, nearest, np.nan)[selected],
+            np.where(in_route, farthest, np.nan)[selected], identities, dedup_cmc)
+        pairs = np.flatnonzero(in_route[pair_row])
+        local_row = part.local[pair_row[pairs]]
+        closer[pairs], tied = _search_stretches(sorted_values, start[local_row], width[local_row],
+                                                searched[pairs])
+        unsettled[pair_row[pairs[tied]]] = True
+        if distinct is not None:
+            distinct_before[in_route] = distinct[part.local[in_route]]
     results.record(rows, pair_row, closer + match_number, distinct_before)
     return rows[unsettled]
+
+
+def _many_within_reach(block, farthest):
+    """Per row: whether more than _SPARSE_CANDIDATE_FRACTION of its cells are no farther than
+    `farthest`, estimated on evenly spread runs of adjacent columns (a few cache lines per row; this
+    only picks the faster route, never a result)."""
+    num_rows, num_g = block.shape
+    spacing = num_g // _ROUTE_SAMPLE_RUNS
+    if spacing < _ROUTE_RUN_LENGTH:
+        sample = block[:, None, :]                              # small gallery: all of it
+    else:
+        sample = block[:, :_ROUTE_SAMPLE_RUNS * spacing].reshape(num_rows, _ROUTE_SAMPLE_RUNS, spacing)
+        sample = sample[:, :, :_ROUTE_RUN_LENGTH]
+    within = (sample <= farthest[:, None, None]).reshape(num_rows, -1)   # contiguous: no copy
+    num_within = np.add.reduce(within.view(np.uint8), axis=1, dtype=np.uint32)
+    return num_within > _SPARSE_CANDIDATE_FRACTION * within.shape[1]
+
+
+class _RowPart:
+    """The rows `selected` of a block (the block itself when they are all of them), with the cells to
+    set aside re-indexed to them: own-identity cells (matches and removed own items) and removed
+    cells of other identities. local[r] = row r's index in the part, -1 outside it. owned: the block
+    is a scratch copy that may be changed in place."""
+
+    def __init__(self, block, owned, selected, own_row, own_col, removed_cells):
+        num_rows = block.shape[0]
+        self.whole_block = len(selected) == num_rows
+        self.block, self.owned, self.selected = block, owned, selected
+        self.local = np.full(num_rows, -1, dtype=np.intp)
+        self.local[selected] = np.arange(len(selected))
+        inside = self.local[own_row] >= 0
+        self.own_row, self.own_col = self.local[own_row[inside]], own_col[inside]
+        self.removed_cells = (removed_cells if removed_cells is None or self.whole_block
+                              else removed_cells[selected])
+
+    def values(self, writable=False):
+        """The part's rows: a view of the block when they are all of its rows, unless `writable` asks
+        for an array that may be changed and the block is not owned."""
+        if not self.whole_block:
+            return self.block[self.selected]
+        return self.block.copy() if writable and not self.owned else self.block
+
+    def own_flat(self):
+        """Flat indices of the own-identity cells in a [part rows, num_gallery] array."""
+        return self.own_row * self.block.shape[1] + self.own_col
+
+
+def _listed_stretches(part, nearest, farthest, identities, dedup_cmc):
+    """Each row's kept other-identity values no farther than its last match, sorted, in one buffer.
+
+    Returns (buffer, start, width, distinct identities before the first match or None): row r's
+    values lie in buffer[start[r]:start[r] + width[r]], ascending, padded at the end with NaN (sorts
+    last, never below or equal to anything). A row gets the next power of two above its count as
+    width, so rows of one width sort together as a 2-D block and a few long rows do not widen the
+    others.
+    """
+    values = part.values()
+    num_rows, num_g = values.shape
+    # <= (not <): an other-identity item exactly as far as the last match must be seen as a tie.
+    candidate = values <= farthest[:, None]
+    candidate.reshape(-1)[part.own_flat()] = False             # matches and removed own items
+    if part.removed_cells is not None:
+        np.greater(candidate, part.removed_cells, out=candidate)  # candidate and not removed, one pass
+    num_candidates = np.add.reduce(candidate.view(np.uint8), axis=1, dtype=np.uint32).astype(np.intp)
+    flat = np.flatnonzero(candidate)                           # much faster than a 2-D nonzero
+    cand_row = np.repeat(np.arange(num_rows), num_candidates)
+    value = values.reshape(-1)[flat]
+    distinct = None
+    if dedup_cmc:
+        closer_than_first = value < nearest[cand_row]
+        before_row = cand_row[closer_than_first]
+        distinct = _distinct_per_row(before_row, flat[closer_than_first] - before_row * num_g,
+                                     num_rows, identities)
+    width = np.zeros(num_rows, dtype=np.intp)
+    listed = num_candidates > 0
+    width[listed] = 1 << np.ceil(np.log2(num_candidates[listed])).astype(np.intp)
+    order = np.argsort(width, kind="stable")
+    start = np.empty(num_rows, dtype=np.intp)
+    start[order] = np.cumsum(width[order]) - width[order]
+    sorted_values = np.full(int(width.sum()), np.nan, dtype=values.dtype)
+    position = np.arange(len(cand_row)) - (np.cumsum(num_candidates) - num_candidates)[cand_row]
+    sorted_values[start[cand_row] + position] = value
+    group_widths, group_first = np.unique(width[order], return_index=True)
+    group_end = np.r_[group_first[1:], num_rows]
+    for group_width, first, end in zip(group_widths, group_first, group_end):
+        if group_width:
+            rows_start = start[order[first]]
+            sorted_values[rows_start:rows_start + (end - first) * group_width].reshape(
+                end - first, group_width).sort(axis=1)
+    return sorted_values, start, width, distinct
+
+
+def _whole_row_stretches(part, nearest, farthest, identities, dedup_cmc):
+    """The part's whole rows, sorted, with removed and own-identity cells set to NaN; returns
+    (buffer, start, width, distinct identities before the first match or None) like
+    _listed_stretches."""
+    values = part.values(writable=True)
+    if part.removed_cells is not None:
+        np.copyto(values, np.nan, where=part.removed_cells)
+    values.reshape(-1)[part.own_flat()] = np.nan
+    num_rows, num_g = values.shape
+    distinct = None
+    if dedup_cmc:
+        before_row, before_col = np.divmod(np.flatnonzero(values < nearest[:, None]), num_g)
+        distinct = _distinct_per_row(before_row, before_col, num_rows, identities)
+    values.sort(axis=1)
+    return values.reshape(-1), np.arange(num_rows) * num_g, np.full(num_rows, num_g), distinct
 
 
 def _own_identity_cells(q_id, identities):
@@ -295,109 +425,32 @@ def _sorted_by_distance(block, pair_row, pair_col):
     return pair_row[order], pair_col[order], pair_dist[order], count
 
 
-def _candidate_values(block, candidate, num_candidates, identities, nearest, distinct_before):
-    """(row, value) of every True cell of candidate, by row then column.
-
-    num_candidates: True cells per row. Adds to distinct_before (if given) the distinct identities
-    among each row's candidates closer than its first match (`nearest`).
-    """
-    num_rows, num_g = block.shape
-    flat = np.flatnonzero(candidate)                           # much faster than a 2-D nonzero
-    cand_row = np.repeat(np.arange(num_rows), num_candidates)
-    value = block.reshape(-1)[flat]
-    if distinct_before is not None:
-        closer_than_first = value < nearest[cand_row]
-        before_row = cand_row[closer_than_first]
-        before_col = flat[closer_than_first] - before_row * num_g
-        distinct_before += _distinct_per_row(before_row, identities.of_column[before_col], num_rows,
-                                             len(identities.values))
-    return cand_row, value
-
-
-def _sorted_stretches(block, cand_row, value, num_candidates, whole_row, own_row, own_col,
-                      removed_cells, nearest, identities, distinct_before):
-    """Each row's kept other-identity values no farther than its last match, sorted, in one buffer.
-
-    Returns (buffer, start, width): row r's values lie in buffer[start[r]:start[r] + width[r]],
-    ascending, padded at the end with NaN (sorts last, never below or equal to anything). Candidate
-    rows get the next power of two above their count as width, so rows of one width sort together
-    as a 2-D block and a few long rows do not widen the others. Whole rows (too many candidates to
-    list one by one) are copied whole, with removed and own-identity cells set to NaN; their
-    distinct identities closer than the first match go to distinct_before (if given).
-    """
-    num_rows, num_g = block.shape
-    width = np.zeros(num_rows, dtype=np.intp)
-    listed = num_candidates > 0
-    width[listed] = 1 << np.ceil(np.log2(num_candidates[listed])).astype(np.intp)
-    width[whole_row] = num_g
-    # Rows laid out by width, whole rows after the listed ones of the same width.
-    layout_key = 2 * width + whole_row
-    order = np.argsort(layout_key, kind="stable")
-    start = np.empty(num_rows, dtype=np.intp)
-    start[order] = np.cumsum(width[order]) - width[order]
-    sorted_values = np.full(int(width.sum()), np.nan, dtype=block.dtype)
-    position = np.arange(len(cand_row)) - (np.cumsum(num_candidates) - num_candidates)[cand_row]
-    sorted_values[start[cand_row] + position] = value
-    group_keys, group_first = np.unique(layout_key[order], return_index=True)
-    group_end = np.r_[group_first[1:], num_rows]
-    for key, first, end in zip(group_keys, group_first, group_end):
-        if key == 0:                                           # rows without any candidate
-            continue
-        group_rows = order[first:end]
-        group = sorted_values[start[group_rows[0]]:][:len(group_rows) * width[group_rows[0]]]
-        group = group.reshape(len(group_rows), -1)
-        if key % 2:
-            _fill_whole_rows(group, block, group_rows, own_row, own_col, removed_cells, nearest,
-                             identities, distinct_before)
-        group.sort(axis=1)
-    return sorted_values, start, width
-
-
-def _fill_whole_rows(values, block, group_rows, own_row, own_col, removed_cells, nearest, identities,
-                     distinct_before):
-    """Copy block rows group_rows into values, with removed and own-identity cells set to NaN, and
-    count their distinct identities closer than the first match into distinct_before."""
-    num_rows, num_g = block.shape
-    np.take(block, group_rows, axis=0, out=values)
-    if removed_cells is not None:
-        values[removed_cells[group_rows]] = np.nan
-    local = np.full(num_rows, -1, dtype=np.intp)
-    local[group_rows] = np.arange(len(group_rows))
-    own = local[own_row] >= 0
-    values.reshape(-1)[local[own_row[own]] * num_g + own_col[own]] = np.nan
-    if distinct_before is not None:
-        before_row, before_col = np.divmod(
-            np.flatnonzero(values < nearest[group_rows][:, None]), num_g)
-        distinct_before[group_rows] = _distinct_per_row(
-            before_row, identities.of_column[before_col], len(group_rows), len(identities.values))
-
-
 def _search_stretches(sorted_values, start, width, value):
     """Per value: (entries of sorted_values[start:start + width] strictly below it, whether one
-    equals it), by one vectorised binary search; each search leaves the loop once its interval is
-    empty, so short stretches cost few rounds."""
+    equals it), by one vectorised branch-free binary search: every round halves the step and moves
+    each value's count forward where the entry just past it is still below the value."""
     below = np.zeros(len(value), dtype=np.intp)
-    high = width.copy()
-    active = np.flatnonzero(high > 0)
-    while active.size:
-        low_a, high_a = below[active], high[active]
-        middle = (low_a + high_a) >> 1
-        go_right = sorted_values[start[active] + middle] < value[active]
-        low_a = np.where(go_right, middle + 1, low_a)
-        high_a = np.where(go_right, high_a, middle)
-        below[active], high[active] = low_a, high_a
-        active = active[low_a < high_a]
+    before_start = start - 1              # the probe-th entry of a stretch: before_start + probe
+    widest = int(width.max(initial=0))
+    step = 1 << (widest.bit_length() - 1) if widest else 0
+    while step:
+        probe = below + step
+        # Probes past a stretch's end read its last entry (or, if empty, any valid one) and are ignored.
+        entry = sorted_values[before_start + np.minimum(probe, width)]
+        below += step * ((probe <= width) & (entry < value))
+        step >>= 1
     tied = np.zeros(len(value), dtype=bool)
     inside = np.flatnonzero(below < width)
     tied[inside] = sorted_values[start[inside] + below[inside]] == value[inside]
     return below, tied
 
 
-def _distinct_per_row(row, identity, num_rows, num_identities):
-    """Number of distinct identities per row among (row, identity) pairs: a [rows, identities] table
-    of flags is cheaper than np.unique on the pairs (the gallery has few identities)."""
-    seen = np.zeros((num_rows, num_identities), dtype=np.uint8)
-    seen[row, identity] = 1
+def _distinct_per_row(row, column, num_rows, identities):
+    """Number of distinct gallery identities per row among (row, gallery column) pairs: a
+    [rows, identities] table of flags is cheaper than np.unique on the pairs (the gallery has few
+    identities)."""
+    seen = np.zeros((num_rows, len(identities.values)), dtype=np.uint8)
+    seen[row, identities.of_column[column]] = 1
     return np.add.reduce(seen, axis=1, dtype=np.intp)
 
 

@@ -469,18 +469,25 @@ def test_parity_with_nan_inf_signed_zero_and_ties_on_each_route(monkeypatch, rou
 def _count_routes(monkeypatch):
     """Spy on the ranking routes: rows listed one by one, whole rows sorted, rows argsorted."""
     counts = {"listed": 0, "whole rows": 0, "argsorted": 0}
-    sorted_stretches, full_sort = eval_metrics._sorted_stretches, eval_metrics._rank_by_full_sort
+    listed, whole_rows = eval_metrics._listed_stretches, eval_metrics._whole_row_stretches
+    full_sort = eval_metrics._rank_by_full_sort
 
-    def spy_stretches(block, cand_row, value, num_candidates, whole_row, *args):
-        counts["listed"] += int(np.count_nonzero(num_candidates))
-        counts["whole rows"] += int(np.count_nonzero(whole_row))
-        return sorted_stretches(block, cand_row, value, num_candidates, whole_row, *args)
+    def spy_listed(*args):
+        sorted_values, start, width, distinct = listed(*args)
+        counts["listed"] += int(np.count_nonzero(width))          # rows with candidates listed
+        return sorted_values, start, width, distinct
+
+    def spy_whole_rows(*args):
+        sorted_values, start, width, distinct = whole_rows(*args)
+        counts["whole rows"] += len(width)
+        return sorted_values, start, width, distinct
 
     def spy_full_sort(distmat, rows, *args):
         counts["argsorted"] += len(rows)
         return full_sort(distmat, rows, *args)
 
-    monkeypatch.setattr(eval_metrics, "_sorted_stretches", spy_stretches)
+    monkeypatch.setattr(eval_metrics, "_listed_stretches", spy_listed)
+    monkeypatch.setattr(eval_metrics, "_whole_row_stretches", spy_whole_rows)
     monkeypatch.setattr(eval_metrics, "_rank_by_full_sort", spy_full_sort)
     return counts
 
