@@ -9,9 +9,12 @@ each average-pooled, with its own BN neck (bottleneck1..4) and classifier (class
 Parameter names and order are the official ones (998 entries with the unused ResNet parts, which
 model.load_checkpoint drops, METHODS.md 5.1). The DCL projection head of the loss lives here as
 `criterion_div` (appended after the official entries), so that it is trained with the network and saved in
-our checkpoints; official files, which lack it, still load (`official_optional_keys`). `train_dcl_head=False`
-reproduces the official behaviour: the head is never optimised (frozen at its initialisation, still on batch
-statistics in training).
+our checkpoints; official files, which lack it, still load (`official_optional_keys`). It is not a head
+module, so model.param_groups puts it in the 0.1x group with the generator, the other new part that the
+official code trains at 0.1x: the head only shapes a loss weighted 0.05 per stripe, and a trained head can
+learn to project the modality gap away (which lowers DCL without aligning the features), the faster the
+higher its LR. `train_dcl_head=False` reproduces the official behaviour: the head is never optimised (frozen at
+its initialisation, still on batch statistics in training).
 """
 from typing import NamedTuple
 
