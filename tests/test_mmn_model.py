@@ -15,10 +15,11 @@ from test_deen_model import fill_tensor
 from utils import CheckpointError, ConfigError
 
 IO = os.path.join(SPEC_GOLDEN_DIR, "mmn_model_io.npz")
+IO_F64 = os.path.join(SPEC_GOLDEN_DIR, "mmn_model_io_f64ref.npz")
 KEYS = os.path.join(SPEC_GOLDEN_DIR, "mmn_keys.json")
 HEAD_KEYS = "criterion_div_keys (DCLoss, filled with prefix criterion_div.)"
 # Generator parameters: their float32 gradients are sums over ~147k cancelling pixels (README 6.3: up to 30 %
-# apart from float64), so their norms are not compared.
+# apart from float64), so their norms are compared only loosely, with the float64 run's (README 6.3: rtol 0.5).
 GENERATOR = ("encode", "fc1.", "fc2.", "bn1.", "bn2.", "decode")
 
 
@@ -154,6 +155,10 @@ def test_train_outputs_losses_and_gradients_reproduce_the_official_goldens(golde
             np.testing.assert_allclose(params[name].grad.norm().item(), norm, rtol=5e-3, err_msg=name)
             compared += 1
     assert compared == 9
+    f64 = np.load(IO_F64)
+    for name, norm in zip(f64["grad_param_names"], f64["grad_total_norms"]):
+        if name.startswith(GENERATOR):
+            np.testing.assert_allclose(params[name].grad.norm().item(), norm, rtol=0.5, err_msg=name)
     np.testing.assert_allclose(params["criterion_div.fc1.0.weight"].grad.norm().item(),
                                golden["grad_total_criterion_div_fc1_0_weight_norm"], rtol=5e-3)
     np.testing.assert_allclose(params["bottleneck2.weight"].grad.numpy(), golden["grad_total_full_bottleneck2_weight"],
