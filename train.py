@@ -486,8 +486,13 @@ def loss_terms_text(terms):
 
 
 def group_lrs(optimizer):
-    """Current LR of each named parameter group (backbone, bottleneck, classifier)."""
+    """Current LR of each named parameter group (backbone, then the heads: bottleneck, classifier, ...)."""
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
+def heads_lr(lr_groups):
+    """The LR of the head groups (model.param_groups gives every head the same one; MMN has eight heads)."""
+    return next(lr for name, lr in lr_groups.items() if name != "backbone")
 
 
 def step_line(run, epoch, step, steps, averages, images, elapsed):
@@ -712,7 +717,7 @@ def train(args):
         run.scheduler.step()
         stats["seconds"] = round(time.time() - start, 2)
         if run.rank == 0:
-            log.info(f"Epoch {epoch}: lr heads {stats['lr_groups']['classifier']:g} backbone "
+            log.info(f"Epoch {epoch}: lr heads {heads_lr(stats['lr_groups']):g} backbone "
                      f"{stats['lr_groups']['backbone']:g}, loss {stats['loss']:.4f} ({loss_terms_text(stats['loss_terms'])}) "
                      f"acc {100 * stats['acc']:.2f}% "
                      f"[{stats['batches']} batches, {stats['seconds']:.1f}s]")
