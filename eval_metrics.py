@@ -238,8 +238,8 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     Wider floats are compared and sorted as float32 (twice as fast): rounding keeps the order (x < y
     implies f32(x) <= f32(y)), so an item strictly below a rounded match distance is strictly below
     the match, and one strictly above is above. Only equality is ambiguous, and it counts as a tie
-    (the row is argsorted), so the results stay exact; beyond float32's range values round to +-inf,
-    again a tie at worst.
+    (the row is argsorted), so the results stay exact; beyond float32's range values round to +-inf
+    or zero, again a tie at worst.
     """
     num_rows, num_g = block.shape
     q_id = q_identity[rows]
@@ -259,7 +259,7 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
         removed_cells = removed(rows[:, None], np.arange(num_g)[None, :])
     ranked = block
     if block.dtype.itemsize > 4:
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", under="ignore"):     # to +-inf or zero: ties at worst
             ranked, nearest, farthest, searched = (a.astype(np.float32) for a in (
                 block, nearest, farthest, pair_dist))
     else:

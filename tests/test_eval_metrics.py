@@ -552,6 +552,67 @@ def test_parity_on_non_contiguous_and_float32_matrices(seed):
         _check_parity(eval_llcm, literal_eval_llcm, (matrix, q_pids, g_pids, q_cams, g_cams, max_rank))
 
 
+# Float64 matrices are ranked in float32 (eval_metrics._rank_by_match_distances): distances that
+# differ only below float32's resolution round to equal values and must go to the argsort.
+@pytest.mark.parametrize("route", ROUTES)
+def test_float64_distances_equal_after_rounding_rank_by_their_exact_values(monkeypatch, route):
+    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+    counts = _count_routes(monkeypatch)
+    # Query 0: the non-match is 1e-12 farther than the match -> match first (AP 1).
+    # Query 1: the non-match is 1e-12 closer -> match second (AP 1/2).
+    # Query 2: no rounding collision (nothing argsorted for it): match third (AP 1/3).
+    dist = np.array([[1.0, 1.0 + 1e-12, 3.0],
+                     [1.0, 1.0 - 1e-12, 3.0],
+                     [5.0, 2.0, 1.0]])
+    assert np.float32(dist[0, 1]) == np.float32(dist[0, 0])     # the case the test is about
+    q_pids, g_pids = np.array([1, 1, 1]), np.array([1, 2, 3])
+    cmc, mAP, mINP = eval_regdb(dist, q_pids, g_pids)
+    _assert_same((cmc, mAP, mINP), literal_eval_regdb(dist, q_pids, g_pids))
+    assert mAP == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert counts["argsorted"] == 2
+
+
+def _beyond_float32_case(seed):
+    """A random float64 case whose rows hold near-equal pairs (closer than float32's resolution), and
+    rows scaled beyond float32's range (to +-inf) or below it (to zero or subnormals)."""
+    rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
+    dist = dist.astype(np.float64)
+    num_q, num_g = dist.shape
+    source, target = rng.integers(0, num_g, num_q), rng.integers(0, num_g, num_q)
+    nudge = rng.choice([-1e-12, 0.0, 1e-12], num_q) * np.abs(dist[np.arange(num_q), source])
+    dist[np.arange(num_q), target] = dist[np.arange(num_q), source] + nudge
+    scale = rng.choice([1.0, 1.0, 2.0 ** 200, 2.0 ** -1000, 1e-310], num_q)
+    return rng, dist * scale[:, None], q_pids, g_pids, max_rank
+
+
+@pytest.mark.parametrize("sort_kind", ["stable", "default"])
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("seed", range(8))
+def test_parity_beyond_float32_resolution_and_range_on_each_route(monkeypatch, route, seed, sort_kind):
+    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+    with np.errstate(under="ignore"):
+        rng, dist, q_pids, g_pids, _ = _beyond_float32_case(seed)
+    with np.errstate(all="raise"):                 # rounding to float32 must not warn either
+        _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, sort_kind)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_parity_in_galleries_large_enough_to_sample_routes(monkeypatch, seed):
+    """Galleries of 16 x 16 columns or more choose routes from a column sample; trained-like rows
+    (matches close) and near-chance rows (matches deep) share each block, so both routes and the
+    in-place listing of most rows are used."""
+    counts = _count_routes(monkeypatch)
+    rng = np.random.default_rng(300 + seed)
+    num_q, num_g = 150, 700
+    q_pids, g_pids = rng.integers(0, 40, num_q), rng.integers(0, 40, num_g)
+    pull = np.where(rng.random(num_q) < 0.7, 4.0, 0.5)[:, None]        # 70% trained-like rows
+    dist = rng.standard_normal((num_q, num_g)) - pull * (q_pids[:, None] == g_pids[None, :])
+    if seed == 2:
+        dist = dist.astype(np.float32)
+    _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, "default")
+    assert counts["listed"] >= 100 and counts["whole rows"] >= 50
+
+
 # ----------------------------------------------------------------------------- plain loop (bench)
 @pytest.mark.parametrize("sort_kind", ["stable", "default"])
 @pytest.mark.parametrize("seed", range(20))
