@@ -10,6 +10,7 @@ Adding a method: write its room (a Method subclass), add one entry below. `regis
 """
 import method_agw
 import method_deen
+import method_ifalnet
 import method_irl
 import method_mmn
 from utils import ConfigError
@@ -41,5 +42,5 @@ def names():
 
 
 for _method in (method_irl.IRLMethod(), method_agw.AGWMethod(), method_agw.CAJMethod(), method_deen.DEENMethod(),
-                method_mmn.MMNMethod()):
+                method_mmn.MMNMethod(), method_ifalnet.IFALNetMethod()):
     register(_method)
