@@ -26,14 +26,7 @@ def train_and_test(ws, tmp_path, dataset):
         return out, test_out, json.load(f)
 
 
-# train.py's epoch line reads the LR of a group named "classifier"; MMN's heads are classifier1..4 (one SGD group
-# each, as officially): the line must take the heads' LR from any head group. Until then the run stops there.
-EPOCH_LINE = pytest.mark.xfail(strict=True, raises=AssertionError,
-                               reason="train.py's epoch line: stats['lr_groups']['classifier'] (KeyError for MMN)")
-
-
 # RegDB in the default suite (resized at load time); SYSU (its 64x32 cache made here) and LLCM behind `slow`.
-@EPOCH_LINE
 @pytest.mark.parametrize("dataset", ["regdb", pytest.param("sysu", marks=pytest.mark.slow),
                                      pytest.param("llcm", marks=pytest.mark.slow)])
 def test_mmn_trains_and_tests_with_its_seven_labelled_rows(tmp_path_factory, tmp_path, dataset):
