@@ -13,7 +13,9 @@ import os
 import random
 
 import numpy as np
+import torch
 import torchvision.transforms as T
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import data_manager
@@ -81,7 +83,7 @@ class ChannelExchange(_ChannelAugmentation):
 
     def __call__(self, img):
         k = random.randint(0, self.gray)
-        return _replicate(img, img[k].clone() if k < 3 else _weighted_gray(img))
+        return _spread_channel(img, k) if k < 3 else _replicate(img, _weighted_gray(img))
 
 
 class ChannelAdapGray(_ChannelAugmentation):
@@ -92,8 +94,7 @@ class ChannelAdapGray(_ChannelAugmentation):
 
     def __call__(self, img):
         if random.randint(0, 1) == 0:
-            img[0] = img[1]
-            img[2] = img[1]
+            _spread_channel(img, 1)
         elif random.uniform(0, 1) <= self.p:
             _replicate(img, _weighted_gray(img))
         return img
@@ -114,9 +115,7 @@ class ChannelAdapGrayCAJ(_ChannelAugmentation):
     def __call__(self, img):
         k = random.randint(0, 3)
         if k < 3:
-            for c in range(3):
-                if c != k:          # channel k itself is never overwritten, so no copy is needed
-                    img[c] = img[k]
+            _spread_channel(img, k)
         elif random.uniform(0, 1) <= self.p:
             _replicate(img, _weighted_gray(img))
         return img
@@ -133,8 +132,17 @@ class ChannelT(_ChannelAugmentation):
             return img
         factors = [2 * random.uniform(0.01, 0.5) for _ in range(3)]
         for c, factor in enumerate(factors):
-            img[c] = img[c] * factor
+            img[c].mul_(factor)
         return img
+
+
+def _spread_channel(img, k):
+    """Copy channel k of img into the other two channels, in place (channel k is never overwritten, so it needs
+    no copy of its own)."""
+    for c in range(3):
+        if c != k:
+            img[c] = img[k]
+    return img
 
 
 def _replicate(img, channel):
@@ -151,9 +159,22 @@ def _weighted_gray(img):
 # Transform chains (REFERENCE 5.2 / 5.3)
 # ---------------------------------------------------------------------------------------------------
 
+class ToTensor(T.ToTensor):
+    """torchvision's ToTensor, with one float buffer instead of three for RGB PIL images (the training and test
+    chains' input): the uint8 HWC pixels are converted to contiguous float CHW in one pass and divided by 255
+    in place, the same float32 operations as torchvision's (the same bits). Other inputs go to torchvision's."""
+
+    def __call__(self, pic):
+        if isinstance(pic, Image.Image) and pic.mode == "RGB":
+            pixels = torch.from_numpy(np.array(pic))
+            return pixels.permute(2, 0, 1).to(torch.get_default_dtype(), memory_format=torch.contiguous_format).div_(255)
+        return super().__call__(pic)
+
+
 def to_normalized_tensor():
-    """ToTensor then ImageNet normalisation: the end of every training and test chain."""
-    return [T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+    """ToTensor then ImageNet normalisation: the end of every training and test chain. The normalisation works
+    in place on ToTensor's fresh tensor (torchvision's default clones it first: a copy per image)."""
+    return [ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, inplace=True)]
 
 
 def pad_crop_flip(img_h, img_w):

@@ -4,7 +4,9 @@
                                  [--gpu-ips 500 1000 2000 4000]
 
 Both pipelines run in this one process, as one DataLoader worker process runs them, interleaved for
---rounds rounds so that the load of a shared machine falls on both alike:
+--rounds rounds, and are timed by this process's CPU time (one thread): the rate of a worker that has a
+core of its own, which the other work of a shared machine neither slows nor, through the interleaving,
+favours one pipeline with (wall-clock rates on a loaded 2-core machine varied by 2x between rounds):
   official   a literal re-creation of the official IRL per-item pipeline: SYSUData.__getitem__ on the whole
              .npy arrays loaded into memory, the four torchvision chains of REFERENCE 5.2 with the official
              ChannelAug classes (written out below as the IRL repository has them);
@@ -169,10 +171,11 @@ def write_training_cache(data_dir, images, img_h, img_w, seed=0):
 
 
 def time_items(get_item, items, plan):
-    start = time.perf_counter()
+    """View images per CPU-second of this process over `items` items."""
+    start = time.process_time()
     for k in range(items):
         get_item(k, plan[0][k], plan[1][k])
-    return items * VIEWS_PER_ITEM / (time.perf_counter() - start)
+    return items * VIEWS_PER_ITEM / (time.process_time() - start)
 
 
 def measure(args):
@@ -212,7 +215,7 @@ def main(argv=None):
          for name, rate in rates.items()],
         ["pipeline", "img/s per worker", "ratio to official"],
         title=f"IRL training pipeline, {args.img_h}x{args.img_w}, 4 views an item: median of {args.rounds} "
-              f"interleaved rounds of {args.items} items, one process, one thread"))
+              f"interleaved rounds of {args.items} items, one process, one thread, per CPU-second"))
     print()
     print(utils.format_table(
         [{"GPU img/s": f"{ips:g}", **{f"workers ({name})": math.ceil(ips / rate) for name, rate in rates.items()}}
