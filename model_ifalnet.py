@@ -16,10 +16,12 @@ bottleneck, so its weights are sigmoid(0) = 0.5 for every channel of every image
 equal values is implementation-defined (torch 2.14.1 on the CPU returns channels 3, 5, 4). Here the choice is
 the top three of the SE weights with ties going to the lowest index, which for the degenerate SE is always
 channels 0, 1, 2: the same on every device and version. The choice matters only when encode3's six channels
-differ (`channel_choice_matters`). Training from the official initialisation keeps them equal in groups (the
-three selected channels get identical updates, the other three only weight decay), so with our own
-checkpoints the rule is self-consistent; an official checkpoint whose training selected another set gives
-other outputs here, and `channel_choice_matters` says when that can happen.
+differ (`channel_choice_matters`). Training from the official initialisation keeps the three selected channels
+equal (identical updates) and leaves the other three unused: their biases stay exactly 0 (no gradient, and
+weight decay keeps 0 at 0). So a trained checkpoint tells which three were selected, whatever the device's
+tie-breaking was, and loading one adopts them (`trained_channels`, `middle_channels`); for our own
+checkpoints that is 0, 1, 2 again. Where the weights do not tell (fresh, or all six channels used), the rule
+above holds.
 """
 import warnings
 
@@ -182,6 +184,8 @@ class IFALNet(nn.Module):
         self.decode = mm.constant_conv(SELECTED_CHANNELS, 3)
         self.MIA1, self.MIA2, self.MIA3 = MIA(c[1]), MIA(c[2]), MIA(c[3], narrows=False)
         self.MFA = MFA(c[3])
+        self.middle_channels = None     # encode3 channels adopted from loaded weights; None: `top_channels`
+        self.register_load_state_dict_post_hook(IFALNet._adopt_trained_channels)
 
     def official_unused_keys(self):
         """The stems' layer1..4, the trunk's conv1/bn1 and MIA3's residual convolutions (METHODS.md 2.2)."""
@@ -191,17 +195,32 @@ class IFALNet(nn.Module):
 
     def channel_choice_matters(self):
         """True when encode3's six channels (weight and bias) are not all equal: then which three channels the
-        generator selects changes its output, and an official checkpoint gives the official outputs only if
-        its training selected the channels this rule selects (`top_channels`)."""
+        generator selects changes its output, and a checkpoint gives its training's outputs only if the channels
+        used here (`middle_channels` adopted at load, else `top_channels`) are the ones its training selected."""
         channels = torch.cat((self.encode3.weight.flatten(1), self.encode3.bias[:, None]), 1)
         return not bool((channels == channels[:1]).all())
 
+    def trained_channels(self):
+        """The three encode3 channels a training selected, told by their biases: the unselected ones get no
+        gradient, so they keep the initial bias 0 exactly, while the selected ones move. None when the weights
+        do not tell (not exactly three non-zero biases)."""
+        moved = [c for c, bias in enumerate(self.encode3.bias.tolist()) if bias != 0]
+        return tuple(moved) if len(moved) == SELECTED_CHANNELS else None
+
+    @staticmethod
+    def _adopt_trained_channels(module, incompatible_keys):
+        module.middle_channels = module.trained_channels()
+
     def middle_image(self, gray):
         """The generator's shared part on one-channel maps [N, 1, H, W]: encode3, the SE layer, the three
-        selected channels of each image, decode -> the M-image [N, 3, H, W]."""
+        selected channels of each image (`middle_channels`, else `top_channels`), decode -> the M-image."""
         encoded, weights = self.SEnet(F.relu(self.encode3(gray)))
-        index = top_channels(weights)[:, :, None, None].expand(-1, -1, *encoded.shape[2:])
-        return F.relu(self.decode(torch.gather(encoded, 1, index)))
+        if self.middle_channels is not None:
+            selected = encoded[:, list(self.middle_channels)]
+        else:
+            index = top_channels(weights)[:, :, None, None].expand(-1, -1, *encoded.shape[2:])
+            selected = torch.gather(encoded, 1, index)
+        return F.relu(self.decode(selected))
 
     def forward(self, x1_1, x1_2, x2_1, x2_2, modal=0):
         """Training (modal 0; x1_* visible, x2_* infrared views): (pool, logits) with rows [VIS, M-VIS, IR, M-IR].

@@ -212,6 +212,45 @@ def test_channel_choice_matters_only_when_encode3_channels_differ(tiny_net):
     assert tiny_net.channel_choice_matters()
 
 
+def trained_tiny_net(steps=1):
+    """A tiny IFALNet (32x16 inputs) after SGD steps of the official recipe (Nesterov, weight decay)."""
+    torch.manual_seed(0)
+    net = I.IFALNet(5, "resnet18", 32, 16).train()
+    optimizer = torch.optim.SGD(M.param_groups(net, 0.1), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(6)
+    labels = torch.tensor([0, 0, 1, 1] * 4)
+    for _ in range(steps):
+        pool, logits = net(*(torch.randn(4, 3, 32, 16, generator=gen) for _ in range(4)))
+        optimizer.zero_grad()
+        (F.cross_entropy(logits, labels) + pool.mean()).backward()
+        optimizer.step()
+    return net
+
+
+def test_a_loaded_checkpoint_brings_the_channels_its_training_selected(single_thread):
+    trained = trained_tiny_net()
+    # The selected channels 0-2 moved together; the unused 3-5 kept bias 0 exactly.
+    assert trained.trained_channels() == (0, 1, 2) and trained.middle_channels is None
+    bias = trained.encode3.bias.detach()
+    assert torch.equal(bias[:3], bias[:1].expand(3)) and torch.equal(bias[3:], torch.zeros(3))
+    gray = torch.randn(3, 1, 8, 6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = trained.middle_image(gray)
+    # A checkpoint whose training selected 3-5 instead (another device's tie-breaking): the same generator.
+    state = trained.state_dict()
+    swapped = {**state, "encode3.weight": state["encode3.weight"][[3, 4, 5, 0, 1, 2]],
+               "encode3.bias": state["encode3.bias"][[3, 4, 5, 0, 1, 2]]}
+    for checkpoint, channels in ((state, (0, 1, 2)), (swapped, (3, 4, 5))):
+        net = I.IFALNet(5, "resnet18", 32, 16)
+        M.load_checkpoint(net, checkpoint)
+        assert net.middle_channels == channels
+        with torch.no_grad():
+            torch.testing.assert_close(net.middle_image(gray), expected, rtol=0, atol=0)
+    fresh = I.IFALNet(5, "resnet18", 32, 16)
+    M.load_checkpoint(fresh, I.IFALNet(5, "resnet18", 32, 16).state_dict())
+    assert fresh.middle_channels is None           # all six at the initial values: the rule (0, 1, 2) holds
+
+
 # ------------------------------------------------------------------------------------------ routing and blocks
 
 
