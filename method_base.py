@@ -56,6 +56,9 @@ class Method:
     fusions = {}                 # the method's own similarity modes: {name: similarity.Fusion} (MMN's o-m, ...)
     mode_names = {}              # the method's own labels of similarity modes in result tables (DEEN: S7, S8)
     selection_mode = "bn"        # the similarity whose Rank-1 picks train.py's best epoch (the official choice)
+    # The method's own train.py options: {config key: (choices, help)}; the flag is --<key with dashes>, the
+    # default is in `defaults`, and the value reaches `network_options` (MMN's --dcl-head).
+    train_options = {}
 
     def view_transforms(self, img_h, img_w):
         """One transform per view (uint8 HxWx3 array -> normalised tensor), in `view_modalities` order."""
@@ -85,10 +88,12 @@ class Method:
     def check_input_size(self, img_h, img_w):
         self.network.check_input_size(img_h, img_w)
 
-    def build_model(self, num_classes, arch="resnet50", img_h=None, img_w=None, pretrained=None, dataset=None):
+    def build_model(self, num_classes, arch="resnet50", img_h=None, img_w=None, pretrained=None, dataset=None,
+                    options=None):
         """The network with this method's name. pretrained: None/False = random initialisation (a checkpoint
         will overwrite it), True = torchvision's cached IMAGENET1K_V1, str = a local weights file.
-        dataset: for methods whose network differs per dataset (`network_options`)."""
+        dataset, options: for methods whose network differs per dataset or `train_options` value
+        (`network_options`); options is a run's config (its `train_options` keys; missing = the default)."""
         if arch not in resnet.ARCHS:
             raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(resnet.ARCHS)}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -96,13 +101,24 @@ class Method:
         img_h = self.defaults["img_h"] if img_h is None else img_h
         img_w = self.defaults["img_w"] if img_w is None else img_w
         net = self.network(num_classes, arch=arch, img_h=img_h, img_w=img_w, pretrained=pretrained,
-                           **self.network_options(dataset))
+                           **self.network_options(dataset, self.option_values(options)))
         net.method = self.name      # checkpoints record it; the loader checks it
         return net
 
-    def network_options(self, dataset):
-        """Extra keyword arguments of the network for `dataset` (default: the same network everywhere)."""
+    def classifier_key(self):
+        """The state-dict key whose rows count an official checkpoint's classes (MMN: its first stripe's)."""
+        return getattr(self.network, "CLASSIFIER_KEY", "classifier.weight")
+
+    def network_options(self, dataset, options):
+        """Extra keyword arguments of the network for `dataset` and the `train_options` values `options`
+        (default: the same network everywhere)."""
         return {}
+
+    def option_values(self, config=None):
+        """{key: value} of `train_options` from a config, the recipe's default where it has none."""
+        config = config or {}
+        return {key: config.get(key) if config.get(key) is not None else self.defaults[key]
+                for key in self.train_options}
 
     def network_inputs(self, views):
         """The training forward's inputs from the batch views (default: one view per network input)."""

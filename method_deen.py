@@ -73,7 +73,7 @@ class DEENMethod(Method):
         self.check_input_size(img_h, img_w)
         return self.paired_views(self.view_transforms(img_h, img_w, dataset))
 
-    def network_options(self, dataset):
+    def network_options(self, dataset, options):
         return {"layer3_variant": dataset in model_deen.LAYER3_DATASETS}
 
     @staticmethod

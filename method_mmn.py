@@ -3,7 +3,7 @@
 The network is model_mmn.MMN (generator, M-images through their source stem, four stripes). Training: one
 transform for both modalities, the four stripes' CE, the four pairwise block triplets per stripe, and the DCL
 term. The DCL projection head is trained by default (the official code never gives it to the optimiser, a
-bug); `MMNMethod(train_dcl_head=False)` reproduces the official run. Test: the seven BN similarities of
+bug); `--dcl-head official` reproduces the official run. Test: the seven BN similarities of
 test.py over the images (o) and their middle-modality images (m).
 """
 import torch
@@ -20,6 +20,7 @@ from similarity import Fusion
 from utils import ConfigError
 
 DCL_WEIGHT = 0.2        # train.py --delta
+DCL_HEAD_CHOICES = ("trained", "official")
 # The four query-gallery BN pairs of test.py: o-o (its first, "FC" row), o-m, m-o, m-m (query first).
 BN_PAIRS = {"bn": ("bn", "bn"), "bn_om": ("bn", "bn_m"), "bn_mo": ("bn_m", "bn"), "bn_mm": ("bn_m", "bn_m")}
 ALL_PAIRS = tuple((query, gallery, 1.0) for query, gallery in BN_PAIRS.values())
@@ -60,17 +61,17 @@ class MMNMethod(Method):
     # AGW warm-up/step schedule over epochs 0..80, CE + pairwise triplets (margin 0.3) + DCL, evaluation every
     # second epoch, no AMP.
     defaults = dict(img_h=384, img_w=192, batch_size=4, num_pos=4, lr=0.1, epochs=81, loss_tri="OriTriplet",
-                    margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50], eval_every=2, amp=False)
+                    margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50], eval_every=2, amp=False,
+                    dcl_head="trained")
+    train_options = {"dcl_head": (DCL_HEAD_CHOICES, "the DCL projection head: 'trained' (default, with the generator "
+                                                    "at the backbone LR) or 'official' (never optimised, as the "
+                                                    "official train.py; for reproducing its numbers)")}
     fusions = FUSIONS
     mode_names = {"bn": "bn o-o (FC)", "bn_om": "bn o-m", "bn_mo": "bn m-o", "bn_mm": "bn m-m",
                   "bn_sum": "bn sum of 4", "bn_min": "bn min of 4", "bn_max": "bn max of 4"}
     # All seven rows everywhere: the README does not say which one it published.
     report_modes = dict.fromkeys(("sysu", "regdb", "llcm"), tuple(FUSIONS))
     selection_mode = "bn"        # train.py keeps the epoch of the best o-o BN Rank-1
-
-    def __init__(self, train_dcl_head=True):
-        """train_dcl_head=False: the official behaviour, the DCL projection head is never optimised."""
-        self.train_dcl_head = train_dcl_head
 
     def view_transforms(self, img_h, img_w):
         """train.py's transform_train for both modalities: its RandomErasing fills with 0 (the draws are
@@ -79,8 +80,8 @@ class MMNMethod(Method):
                                dl.ChannelRandomErasing(p=0.5, sl=0.02, sh=0.4, r1=0.3, fill=(0.0, 0.0, 0.0))])
         return transform, transform
 
-    def network_options(self, dataset):
-        return {"train_dcl_head": self.train_dcl_head}
+    def network_options(self, dataset, options):
+        return {"train_dcl_head": options["dcl_head"] == "trained"}
 
     @staticmethod
     def classification_logits(outputs):

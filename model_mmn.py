@@ -56,6 +56,7 @@ class MMN(nn.Module):
     STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"))
     num_inputs = 2
     HEAD_MODULES = tuple(f"{kind}{s}" for s in range(1, STRIPES + 1) for kind in ("bottleneck", "classifier"))
+    CLASSIFIER_KEY = "classifier1.weight"      # official checkpoints: its rows count the classes
     # Test features: pooled and BN features of the image itself (o) and of its middle-modality image (m).
     test_feature_names = ("pool", "bn", "pool_m", "bn_m")
 

@@ -237,11 +237,12 @@ def model_settings(ckpt, path, args, trial=None):
             raise utils.CheckpointError(f"{path} does not match the flags: {', '.join(clashes)}")
         return {**settings, "source": "vireid checkpoint"}
     state = ckpt.get("net")
-    if not isinstance(state, dict) or "classifier.weight" not in state:
-        raise utils.CheckpointError(f"{path} is neither a {models.CHECKPOINT_FORMAT} checkpoint nor an official one "
-                                    f"(dict with 'net' holding classifier.weight)")
     method = args.method or "irl"
-    num_classes = int(state["classifier.weight"].shape[0])
+    classifier = methods.get(method).classifier_key()
+    if not isinstance(state, dict) or classifier not in state:
+        raise utils.CheckpointError(f"{path} is neither a {models.CHECKPOINT_FORMAT} checkpoint nor an official "
+                                    f"{method} one (dict with 'net' holding {classifier}; --method names another)")
+    num_classes = int(state[classifier].shape[0])
     expected = args.num_classes or (None if args.allow_cross_dataset else DATASETS[args.dataset].official_num_classes)
     if expected is not None and num_classes != expected:
         raise utils.CheckpointError(f"{path} has {num_classes} classes but {expected} were expected for "
@@ -257,7 +258,8 @@ def load_model(ckpt, path, args, device, trial=None):
     # The network variant of the dataset it was trained on (DEEN's RegDB variant differs), also across datasets.
     trained_on = (ckpt.get("config") or {}).get("dataset") or args.dataset
     net = methods.get(settings["method"]).build_model(settings["num_classes"], settings["arch"], settings["img_h"],
-                                                      settings["img_w"], dataset=trained_on)
+                                                      settings["img_w"], dataset=trained_on,
+                                                      options=ckpt.get("config"))
     models.load_checkpoint(net, ckpt, source=path)
     return net.to(device).eval(), settings
 

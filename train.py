@@ -117,7 +117,16 @@ def build_parser():
         help="activation checkpointing: much less activation memory for about one more forward pass (default off)")
     add("--deterministic", action="store_true", default=None,
         help="deterministic cuDNN kernels (no cudnn.benchmark autotuning): slower, repeatable on GPUs")
+    # Options of single methods (their table entries' train_options).
+    for name in methods.names():
+        for key, (choices, text) in methods.get(name).train_options.items():
+            add(f"--{key.replace('_', '-')}", dest=key, choices=choices, help=f"{name} only: {text}")
     return p
+
+
+def method_option_keys():
+    """Config keys of every method's train_options."""
+    return tuple(key for name in methods.names() for key in methods.get(name).train_options)
 
 
 def resolve_config(args, saved=None):
@@ -128,11 +137,14 @@ def resolve_config(args, saved=None):
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     if saved:
         clashes = [f"{k}={saved.get(k)!r} (checkpoint) vs {given[k]!r} (flag)"
-                   for k in RESUME_LOCKED if k in given and k in saved and _differs(given[k], saved[k])]
+                   for k in RESUME_LOCKED + method_option_keys() if k in given and k in saved and _differs(given[k], saved[k])]
         if clashes:
             raise utils.ConfigError(f"cannot resume {args.resume}: it was trained with a different "
                                     f"configuration: {'; '.join(clashes)}")
     method = given.get("method") or (saved or {}).get("method") or COMMON_DEFAULTS["method"]
+    foreign = [key for key in method_option_keys() if key in given and key not in methods.get(method).train_options]
+    if foreign:
+        raise utils.ConfigError(f"--{foreign[0].replace('_', '-')} is an option of another method, not of {method}")
     config, sources = {}, {}
     recipe = methods.get(method).defaults
     layers = [("flag", given), ("checkpoint", saved or {}), (f"{method} default", recipe),
@@ -637,7 +649,8 @@ def setup_run(args):
         if rank == 0 else None
     method = methods.get(config["method"])
     net = method.build_model(data.num_classes, config["arch"], config["img_h"], config["img_w"],
-                             pretrained=pretrained_arg(config, ckpt is not None), dataset=config["dataset"])
+                             pretrained=pretrained_arg(config, ckpt is not None), dataset=config["dataset"],
+                             options=config)
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
     net.set_grad_checkpointing(config["grad_checkpoint"])
@@ -671,8 +684,8 @@ def refuse_to_overwrite_another_run(last_path, config):
     if not os.path.exists(last_path):
         return
     saved = utils.load_torch_file(last_path).get("config") or {}
-    clashes = [f"{key}={saved.get(key)!r} there vs {config[key]!r} now" for key in RESUME_LOCKED
-               if _differs(config[key], saved.get(key))]
+    clashes = [f"{key}={saved.get(key)!r} there vs {config[key]!r} now"
+               for key in RESUME_LOCKED + method_option_keys() if _differs(config[key], saved.get(key))]
     if clashes:
         raise utils.ConfigError(f"{last_path} belongs to a run with another configuration ({'; '.join(clashes)}), "
                                 f"and this run would overwrite its checkpoints and log: choose another "

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import method_mmn
 import methods
 import model as M
 import model_mmn as X
@@ -45,9 +44,9 @@ def test_nine_sgd_groups_with_the_dcl_head_in_the_backbone_group(mmn):
     assert all(id(p) in backbone for p in list(net.encode1.parameters()) + list(net.decode.parameters()))
 
 
-def one_step(method):
+def one_step(method, dcl_head):
     torch.manual_seed(0)
-    net = method.build_model(5, "resnet18", *SIZE).train()
+    net = method.build_model(5, "resnet18", *SIZE, options={"dcl_head": dcl_head}).train()
     optimizer = torch.optim.SGD(M.param_groups(net, 0.1), lr=0.1, momentum=0.9)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     views = [torch.randn(4, 3, *SIZE), torch.randn(4, 3, *SIZE)]
@@ -58,10 +57,10 @@ def one_step(method):
     return before, net.state_dict()
 
 
-@pytest.mark.parametrize("trained", [True, False])
-def test_the_dcl_head_is_trained_by_default_and_frozen_in_the_official_mode(single_thread, trained):
-    method = method_mmn.MMNMethod(train_dcl_head=trained)
-    before, after = one_step(method)
+@pytest.mark.parametrize("dcl_head", ["trained", "official", None])
+def test_the_dcl_head_is_trained_by_default_and_frozen_in_the_official_mode(single_thread, mmn, dcl_head):
+    trained = dcl_head != "official"
+    before, after = one_step(mmn, dcl_head)
     assert torch.equal(before["criterion_div.fc1.0.weight"], after["criterion_div.fc1.0.weight"]) is not trained
     assert torch.equal(before["criterion_div.fc2.3.bias"], after["criterion_div.fc2.3.bias"]) is not trained
     # Either way its BNs run on batch statistics and track them, and the generator trains.
