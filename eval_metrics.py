@@ -31,8 +31,15 @@ from similarity import STANDARD_FUSIONS
 _BLOCK_ELEMENTS = 1 << 20
 # A row with more gallery items within reach of its last true match than this fraction of the
 # gallery has its whole row value-sorted instead of listing those items one by one (the listing costs
-# more per item). bench/bench_metrics.py timed 0.05 ... 0.5 alike within noise.
+# more per item). bench/bench_metrics.py's matrices, interleaved runs: 0.1 and 0.2 alike within
+# noise, 0.05 and 0.35 slower.
 _SPARSE_CANDIDATE_FRACTION = 0.2
+# A route whose rows are more than this fraction of the block works on all of the block's rows in place
+# rather than on a copy of its own rows. Break-evens from per-cell costs (float32 on this CPU: a
+# comparison ~0.3 ns, a row copy ~0.5 ns, a sort ~2.5 ns): the other rows cost a comparison (listing)
+# or a sort (whole rows) each, the copy a pass over the route's rows. Interleaved runs: ~5% faster
+# than always copying at the LLCM size.
+_LISTED_IN_PLACE_FRACTION, _WHOLE_ROWS_IN_PLACE_FRACTION = 0.5, 0.8
 # Which route a row takes is estimated on this many runs of this many adjacent columns (all columns
 # of smaller galleries): reading whole cache lines costs a fraction of a strided sample.
 _ROUTE_SAMPLE_RUNS, _ROUTE_RUN_LENGTH = 16, 16
@@ -267,14 +274,15 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     whole_row = _many_within_reach(ranked, farthest)
     distinct_before = np.zeros(num_rows, dtype=np.intp) if dedup_cmc else None
     closer = np.zeros(len(pair_row), dtype=np.intp)
-    for stretches, in_route in ((_listed_stretches, has_match & ~whole_row),
-                                (_whole_row_stretches, has_match & whole_row)):
+    for stretches, in_route, in_place_fraction in (
+            (_listed_stretches, has_match & ~whole_row, _LISTED_IN_PLACE_FRACTION),
+            (_whole_row_stretches, has_match & whole_row, _WHOLE_ROWS_IN_PLACE_FRACTION)):
         selected = np.flatnonzero(in_route)
         if len(selected) == 0:
             continue
-        if stretches is _listed_stretches and 2 * len(selected) > num_rows:
-            # Listing reads most rows of the block: all of them in place (the others out of reach, so
-            # without candidates) costs less than copying those rows.
+        if len(selected) > in_place_fraction * num_rows:
+            # A route that takes most rows of the block takes all of them, in place (the others out
+            # of reach: NaN nearest and farthest) rather than copying its own.
             selected = np.arange(num_rows)
         part = _RowPart(ranked, ranked is not block, selected, own_row, own_col, removed_cells)
         sorted_values, start, width, distinct = stretches(
