@@ -25,6 +25,7 @@ from utils import ConfigError
 
 TCA_WEIGHT = 0.7
 TCA_MARGIN = 0.7
+TCA_DIVISORS = ("identities", "official")      # --tca-divisor: loss.TcaLoss(official_divisor=False / True)
 # Query feature and gallery feature of the four cross-stem cosine matrices, o = original stem, m = M-image stem.
 STEM_PAIRS = {"om": ("", "_m"), "mo": ("_m", ""), "mm": ("_m", "_m")}
 
@@ -70,7 +71,10 @@ class IFALNetMethod(Method):
     # 0..120 on its own step schedule, evaluation every epoch, no AMP.
     defaults = dict(img_h=384, img_w=192, batch_size=4, num_pos=4, lr=0.1, epochs=121, loss_tri="OriTriplet",
                     margin=0.3, lr_scheduler="ifalnet", warmup_epochs=10, milestones=[20, 60, 90], eval_every=1,
-                    amp=False)
+                    amp=False, tca_divisor="identities")
+    train_options = {"tca_divisor": (TCA_DIVISORS, "TCA's positive-term divisor: 'identities' (default, the "
+                                                   "batch's identity count) or 'official' (the official loss's "
+                                                   "hard-coded 4; the same at its default 4 identities per batch)")}
     fusions = FUSIONS
     mode_names = {"bn": "BN(o,o)", "bn_om": "BN(o,m)", "bn_mo": "BN(m,o)", "bn_mm": "BN(m,m)",
                   "bn_sum": "BN sum (4)", "pool": "pool(o,o)", "pool_sum": "pool sum (4)", "all": "ALL (sum of 8)",
@@ -90,4 +94,5 @@ class IFALNetMethod(Method):
     def build_criterion(self, config):
         if config["loss_tri"] != "OriTriplet":
             raise ConfigError(f"--loss_tri {config['loss_tri']}: IFALNet trains with OriTriplet (and TCA)")
-        return IFALNetLoss(config["margin"])
+        official = self.option_values(config)["tca_divisor"] == "official"
+        return IFALNetLoss(config["margin"], tca_official_divisor=official)

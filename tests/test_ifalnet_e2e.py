@@ -52,3 +52,13 @@ def test_ifalnet_trains_and_tests_on_every_dataset(tmp_path_factory, tmp_path, c
                                         "--deen-transposed", "--modes", "all", "all_llcm")
         assert swapped["protocol"]["modes"] == ["all", "all_llcm"]
         assert "ALL as the official LLCM test (4 pool(o,o) + BN sum)  " in swapped_out
+
+
+def test_the_official_tca_divisor_is_a_train_option_of_ifalnet_only(tmp_path, capsys):
+    config, sources = train_script.resolve_config(
+        train_script.build_parser().parse_args(["--method", "ifalnet", "--tca-divisor", "official"]))
+    assert config["tca_divisor"] == "official" and sources["tca_divisor"] == "flag"
+    default, _ = train_script.resolve_config(train_script.build_parser().parse_args(["--method", "ifalnet"]))
+    assert default["tca_divisor"] == "identities"
+    code = train_script.main(["--method", "deen", "--tca-divisor", "official", "--model_path", str(tmp_path)])
+    assert code == 2 and capsys.readouterr().err == "error: --tca-divisor is an option of another method, not of deen\n"

@@ -105,3 +105,13 @@ def test_ifalnet_loss_terms_are_ce_the_pairwise_triplet_and_0_7_tca():
     torch.testing.assert_close(terms["TCA"], 0.7 * literal_tca(x, labels, divisor=3), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="IFALNet trains with OriTriplet"):
         method.build_criterion({"loss_tri": "WRT", "margin": 0.3})
+
+
+@pytest.mark.parametrize("divisor, expected_divisor", [("identities", 3), ("official", 4), (None, 3)])
+def test_tca_divisor_option_reaches_the_loss(divisor, expected_divisor):
+    method = method_ifalnet.IFALNetMethod()
+    x, labels = sampler_batch(3, 2, 6, torch.float32, scale=0.1, seed=8)
+    config = {"loss_tri": "OriTriplet", "margin": 0.3, "tca_divisor": divisor}
+    terms = method.build_criterion(config)((x, torch.zeros(len(labels), 60)), labels)
+    torch.testing.assert_close(terms["TCA"], 0.7 * literal_tca(x, labels, divisor=expected_divisor),
+                               rtol=1e-5, atol=1e-6)
