@@ -40,8 +40,9 @@ _SPARSE_CANDIDATE_FRACTION = 0.2
 # or a sort (whole rows) each, the copy a pass over the route's rows. Interleaved runs: ~5% faster
 # than always copying at the LLCM size.
 _LISTED_IN_PLACE_FRACTION, _WHOLE_ROWS_IN_PLACE_FRACTION = 0.5, 0.8
-# Which route a row takes is estimated on this many runs of this many adjacent columns (all columns
-# of smaller galleries): reading whole cache lines costs a fraction of a strided sample.
+# Which route a row takes is estimated on up to this many runs of this many adjacent columns, at most a
+# quarter of the gallery (all columns of galleries under 64): reading whole cache lines costs a
+# fraction of a strided sample.
 _ROUTE_SAMPLE_RUNS, _ROUTE_RUN_LENGTH = 16, 16
 
 
@@ -194,6 +195,9 @@ def _evaluate(distmat, q_pids, g_pids, removed, max_rank, *, dedup_cmc, stable_s
     identities = _GalleryIdentities(g_pids)
     q_identity = identities.index_of(q_pids)
     block = max(1, _BLOCK_ELEMENTS // num_g)
+    # Blocks of equal size, at most 1.5x the nominal one: a small last block would cost a block's fixed
+    # overhead for a few rows (the SYSU size is one block of 1.09x instead of 1 + 0.09).
+    block = -(-num_q // max(1, round(num_q / block)))
     if distmat.dtype.kind == "f":
         # Contiguous blocks, so that cells can be read through flat indices (much faster than
         # 2-D fancy indexing); a no-op for the usual C-ordered matrix.
@@ -304,11 +308,12 @@ def _many_within_reach(block, farthest):
     `farthest`, estimated on evenly spread runs of adjacent columns (a few cache lines per row; this
     only picks the faster route, never a result)."""
     num_rows, num_g = block.shape
-    spacing = num_g // _ROUTE_SAMPLE_RUNS
-    if spacing < _ROUTE_RUN_LENGTH:
+    num_runs = min(_ROUTE_SAMPLE_RUNS, num_g // (4 * _ROUTE_RUN_LENGTH))   # at most a quarter
+    if num_runs == 0:
         sample = block[:, None, :]                              # small gallery: all of it
     else:
-        sample = block[:, :_ROUTE_SAMPLE_RUNS * spacing].reshape(num_rows, _ROUTE_SAMPLE_RUNS, spacing)
+        spacing = num_g // num_runs
+        sample = block[:, :num_runs * spacing].reshape(num_rows, num_runs, spacing)
         sample = sample[:, :, :_ROUTE_RUN_LENGTH]
     within = (sample <= farthest[:, None, None]).reshape(num_rows, -1)   # contiguous: no copy
     num_within = np.add.reduce(within.view(np.uint8), axis=1, dtype=np.uint32)
