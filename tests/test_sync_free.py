@@ -158,17 +158,16 @@ KNOWN_SYNCS = {
 }
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_SYNCS[name]))
-    if name in KNOWN_SYNCS else name for name in methods.names()])
-def test_one_training_step_of_every_method_never_waits_for_the_device(tmp_path_factory, tmp_path, monkeypatch,
-                                                                      one_thread, method):
+def tiny_run(tmp_path_factory, tmp_path, method):
     ws = workspace(tmp_path_factory)
     args = train_script.build_parser().parse_args(
         # 64x32: a size every method accepts (MMN's four stripes need 4 layer-4 rows; TINY's 32x16 gives 2).
         ["--dataset", "regdb", "--data-path", ws.data["regdb"], *TINY, "--img_h", "64", "--img_w", "32",
          "--method", method, "--model_path", str(tmp_path / "runs"), "--log_path", str(tmp_path / "logs")])
-    run, _ = train_script.setup_run(args)
+    return train_script.setup_run(args)[0]
+
+
+def assert_first_step_never_waits(run, monkeypatch):
     recorder = SyncRecorder(monkeypatch, active=False)
     run.loader = FirstStepRecorded(run.loader, recorder)
     before = [p.detach().clone() for p in run.bare_net.parameters()]
@@ -177,3 +176,27 @@ def test_one_training_step_of_every_method_never_waits_for_the_device(tmp_path_f
     assert recorder.seen == []
     assert stats["batches"] == 2 and torch.isfinite(torch.tensor(stats["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, run.bare_net.parameters()))     # it did train
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_SYNCS[name]))
+    if name in KNOWN_SYNCS else name for name in methods.names()])
+def test_one_training_step_of_every_method_never_waits_for_the_device(tmp_path_factory, tmp_path, monkeypatch,
+                                                                      one_thread, method):
+    assert_first_step_never_waits(tiny_run(tmp_path_factory, tmp_path, method), monkeypatch)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "GradScaler.step reads its inf/NaN flag on the host (found_inf.item()) unless the optimizer takes it on the "
+    "device, as fused SGD does: train.setup_run should build torch.optim.SGD(..., fused=scaler.is_enabled() or "
+    "None), with the scaler built first"))
+def test_an_fp16_amp_step_with_its_grad_scaler_never_waits_for_the_device(tmp_path_factory, tmp_path, monkeypatch,
+                                                                         one_thread):
+    # The run set up as for CUDA's fp16 AMP (an enabled GradScaler, and whatever optimizer setup_run pairs with
+    # it), then stepping in fp32: the host reads come from the scaler and the optimizer, not from autocast, and
+    # fp16 convolutions on a CPU are slow.
+    monkeypatch.setattr(train_script, "autocast_dtype", lambda amp, device, log=None: torch.float16)
+    run = tiny_run(tmp_path_factory, tmp_path, "irl")
+    assert run.scaler.is_enabled()
+    run.amp_dtype = None
+    assert_first_step_never_waits(run, monkeypatch)
