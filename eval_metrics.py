@@ -26,8 +26,9 @@ import numpy as np
 import similarity
 from similarity import STANDARD_FUSIONS
 
-# Rows per block = this // num_gallery; keeps every [rows, num_gallery] temporary at <= 8 MB, and a
-# float32 block within the cache (measured a little faster than 2**21 at the LLCM size).
+# Rows per block = this // num_gallery (evened out to at most 1.5x that, _evaluate); keeps every
+# [rows, num_gallery] temporary at <= 12 MB, and a float32 block within the cache (measured a little
+# faster than 2**21 at the LLCM size).
 _BLOCK_ELEMENTS = 1 << 20
 # A row with more gallery items within reach of its last true match than this fraction of the
 # gallery has its whole row value-sorted instead of listing those items one by one (the listing costs
