@@ -1,5 +1,5 @@
 """bench/bench_loader.py: its official pipeline replays ours bitwise (so both time the same work), and the
-tiny run prints both tables."""
+tiny run prints both tables; our faster ToTensor + Normalize against torchvision's."""
 import os
 import sys
 
@@ -47,3 +47,24 @@ def test_bad_sizes_are_a_one_line_error(capsys):
     assert bench_loader.main(["--rounds", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_our_to_tensor_and_in_place_normalisation_give_torchvisions_bits():
+    import torchvision.transforms as T
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (37, 19, 3), dtype=np.uint8)
+    official = T.Compose([T.ToTensor(), T.Normalize(data_loader.IMAGENET_MEAN, data_loader.IMAGENET_STD)])
+    ours = T.Compose(data_loader.to_normalized_tensor())
+    for image in (Image.fromarray(rgb), rgb):                 # the fast path, and torchvision's for an array
+        got = ours(image)
+        assert torch.equal(got, official(image)) and got.is_contiguous()
+    gray = Image.fromarray(rgb[..., 0])                        # another PIL mode: torchvision's path
+    assert torch.equal(data_loader.ToTensor()(gray), T.ToTensor()(gray))
+    dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = data_loader.ToTensor()(Image.fromarray(rgb))
+        assert got.dtype == torch.float64 and torch.equal(got, T.ToTensor()(Image.fromarray(rgb)))
+    finally:
+        torch.set_default_dtype(dtype)
