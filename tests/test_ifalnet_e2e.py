@@ -38,7 +38,7 @@ def test_ifalnet_trains_and_tests_on_every_dataset(tmp_path_factory, tmp_path, c
     method = methods.get("ifalnet")
     labels = method.mode_labels()
     test_out, summary = run_test(ws, tmp_path, capsys, dataset, best)
-    assert summary["model"]["method"] == "ifalnet"
+    assert summary["model"]["method"] == method.name
     assert summary["protocol"]["modes"] == list(method.report_modes[dataset])
     # One table row per mode, under its label, in the report order.
     rows = [next(i for i, line in enumerate(test_out.splitlines()) if line.startswith(labels[mode] + "  "))
