@@ -165,9 +165,10 @@ def resolve_config(args, saved=None):
     if config["lr_scheduler"] in utils.FIXED_LR_SCHEDULES and "flag" in (sources["warmup_epochs"],
                                                                          sources["milestones"]):
         name = config["lr_scheduler"]
-        first, second = utils.FIXED_LR_MILESTONES[name]
+        steps = ", ".join(f"x{0.1 ** (i + 1):g} at {epoch}"
+                          for i, epoch in enumerate(utils.FIXED_LR_MILESTONES[name]))
         raise utils.ConfigError(f"--warmup-epochs/--milestones shape the IRL schedules; the {name.upper()} schedule "
-                                f"(--lr_scheduler {name}) is fixed: warmup 10, x0.1 at {first}, x0.01 at {second}. "
+                                f"(--lr_scheduler {name}) is fixed: warmup 10, {steps}. "
                                 f"For a custom schedule add --lr_scheduler step (warmup, then x0.1 at each milestone)")
     return config, sources
 

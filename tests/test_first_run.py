@@ -149,7 +149,9 @@ def test_bad_resume_paths_name_the_problem(tmp_path, capsys, make, message):
 
 def test_agw_schedule_error_points_to_the_custom_schedule(capsys):
     err = one_line_error(capsys, ["--method", "agw", "--warmup-epochs", "3"])
-    assert "AGW schedule" in err and "--lr_scheduler step" in err
+    assert "AGW schedule" in err and "warmup 10, x0.1 at 20, x0.01 at 50." in err and "--lr_scheduler step" in err
+    err = one_line_error(capsys, ["--method", "ifalnet", "--milestones", "5"])
+    assert "IFALNET schedule" in err and "warmup 10, x0.1 at 20, x0.01 at 60, x0.001 at 90." in err
 
 
 def test_a_new_run_never_overwrites_a_run_of_another_configuration(tmp_path_factory, capsys):
