@@ -3,7 +3,7 @@
     import methods
     method = methods.get("irl")               # ConfigError naming the choices for an unknown name
     net = method.build_model(395, "resnet50")
-    methods.names()                           # ('irl', 'agw', 'caj', 'deen') in table order
+    methods.names()                           # ('irl', 'agw', 'caj', 'deen', 'mmn', 'ifalnet') in table order
 
 Adding a method: write its room (a Method subclass), add one entry below. `register` adds one at run time
 (a plug-in, or a test's toy method) without editing this file.
