@@ -11,7 +11,8 @@ On a CUDA machine (under 8 minutes on one GPU):
      two GPUs or more, a two-process job whose ranks must end with identical parameters;
   3. resume: the same 2-epoch run killed (SIGKILL) one step into epoch 1 and resumed from its epoch-0
      checkpoint, against the uninterrupted run: weights compared tensor by tensor (--deterministic);
-  4. everything in one JSON (--out), and a table on stdout.
+  4. everything in one JSON (--out), written again after every check (a run stopped by a time limit keeps what
+     it measured), and a table on stdout. A check that raises is recorded with its error and the others run.
 Without CUDA (or with --tiny) the same steps run tiny, fp32 and without --compile, so that a CPU-only CI proves
 the script runs: ResNet-18 at 32x16 on an 8-identity tree, 1 warm-up and 2 timed steps, gloo DDP with one and
 with two processes. There the ranks and the killed run are forked from this process, with the environment
@@ -328,13 +329,30 @@ def resume_check(root, base, flags, common, fork, straight):
             "max_abs_difference": worst, "ok": not differ and killed_after == 0}
 
 
+def attempt(check, *args):
+    """check(*args), or {"ok": False, "error": the exception's text} when it raises: on a machine lent for
+    minutes, one failing check (a torch.compile error, an NCCL set-up) must not lose the others' results."""
+    try:
+        return check(*args)
+    except Exception as exc:                     # noqa: BLE001 (any failure is a result to report)
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+
+
+def first_line(text):
+    return (text.strip().splitlines() or [""])[0]
+
+
 def print_report(report, out):
     tiny = report["tiny"]
-    print(utils.format_table(report["speed"], ["method", "variant", "steps", "train_img_s", "eval_img_s",
-                                               "peak_gpu_mib", "compiled"],
+    measured = [row for row in report["speed"] if row["ok"]]
+    print(utils.format_table(measured, ["method", "variant", "steps", "train_img_s", "eval_img_s", "peak_gpu_mib",
+                                        "compiled"],
                              title=f"Speed on {report['device']} ({'tiny, fp32' if tiny else 'full size, fp16 AMP'})"))
+    for row in report["speed"]:
+        if not row["ok"]:
+            print(f"{row['method']} {row['variant']}: FAILED ({first_line(row['error'])})")
     ddp = report["ddp"]
-    for job in ddp["jobs"]:
+    for job in ddp.get("jobs", []):
         against = (f" vs one process {', '.join(f'{v:.6f}' for v in ddp['single_losses'])} (relative difference "
                    f"{job['relative_difference_to_single']:.2e}, weights {job['max_weight_difference_to_single']:.2g} "
                    f"apart)" if job["world_size"] == 1 else "")
@@ -342,9 +360,14 @@ def print_report(report, out):
               f"{'es' if job['world_size'] > 1 else ''}): epoch losses {', '.join(f'{v:.6f}' for v in job['losses'])}"
               f"{against}; tensors differing between ranks: {job['ranks_differing_tensors']}: "
               f"{'ok' if job['ok'] else 'FAILED'}")
+    if "error" in ddp:
+        print(f"DDP: FAILED ({first_line(ddp['error'])})")
     r = report["resume"]
-    print(f"Killed after epoch {r['killed_after_epoch']} and resumed: {r['tensors_differing']} of {r['tensors']} "
-          f"tensors differ (max {r['max_abs_difference']:.3g}): {'ok' if r['ok'] else 'FAILED'}")
+    if "error" in r:
+        print(f"Kill and resume: FAILED ({first_line(r['error'])})")
+    else:
+        print(f"Killed after epoch {r['killed_after_epoch']} and resumed: {r['tensors_differing']} of {r['tensors']} "
+              f"tensors differ (max {r['max_abs_difference']:.3g}): {'ok' if r['ok'] else 'FAILED'}")
     print(f"{report['seconds']} s; JSON: {out}")
 
 
@@ -367,21 +390,36 @@ def main(argv=None):
     # NCCL allows one rank per GPU; a process that has used CUDA cannot fork, so GPU jobs start through torchrun.
     fork = device == "cpu"
     world_sizes = [1, 2] if fork or torch.cuda.device_count() >= 2 else [1]
-    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "tiny": tiny, "torch": torch.__version__}
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "tiny": tiny, "torch": torch.__version__,
+              "speed": []}
     started = time.time()
+
+    def save():
+        """The JSON so far, after every check: a run stopped by a time limit still leaves its results."""
+        report["seconds"] = round(time.time() - started, 1)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+
     with tempfile.TemporaryDirectory() as base:
         sizes = {(int(f[f.index("--img_h") + 1]), int(f[f.index("--img_w") + 1])) for f in speed_flags.values()}
         root = make_tree(base, tiny, sizes, args.workers)
-        report["speed"] = [speed_run(root, base, method, flags, variant, common, SPEED_STEPS[tiny])
-                           for method, flags in speed_flags.items() for variant in variants]
-        straight = straight_run(root, base, speed_flags["agw"], common)
-        report["ddp"] = ddp_check(root, base, speed_flags["agw"], common, world_sizes, fork, straight)
-        report["resume"] = resume_check(root, base, speed_flags["agw"], common, fork, straight)
-    report["seconds"] = round(time.time() - started, 1)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+        for method, flags in speed_flags.items():
+            for variant in variants:
+                report["speed"].append({"method": method, "variant": variant, "ok": True, **attempt(
+                    speed_run, root, base, method, flags, variant, common, SPEED_STEPS[tiny])})
+                save()
+        straight = attempt(lambda: {"ok": True, "run": straight_run(root, base, speed_flags["agw"], common)})
+        if straight["ok"]:
+            report["ddp"] = attempt(ddp_check, root, base, speed_flags["agw"], common, world_sizes, fork,
+                                    straight["run"])
+            save()
+            report["resume"] = attempt(resume_check, root, base, speed_flags["agw"], common, fork, straight["run"])
+        else:
+            report["ddp"] = report["resume"] = {"ok": False, "error": f"the uninterrupted reference run: "
+                                                                      f"{straight['error']}"}
+    save()
     print_report(report, args.out)
-    return 0 if report["ddp"]["ok"] and report["resume"]["ok"] else 1
+    return 0 if all(row["ok"] for row in report["speed"]) and report["ddp"]["ok"] and report["resume"]["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ import data_loader
 from conftest import ROOT
 from tools import make_synthetic
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_check  # noqa: E402
+
 
 def test_tiny_gpu_check_runs_every_step_and_writes_one_json(tmp_path):
     out = tmp_path / "check.json"
@@ -49,3 +52,23 @@ def test_the_evaluation_loader_pins_memory_only_when_asked(tmp_path):
     assert (plain.pin_memory, pinned.pin_memory) == (False, True)
     for (a, la), (b, lb) in zip(plain, pinned_batches, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def compile_failure():
+    raise RuntimeError("compile failed\nmore detail")
+
+
+def test_a_check_that_raises_is_reported_as_failed_and_the_report_still_prints(tmp_path, capsys):
+    assert gpu_check.attempt(lambda steps: {"steps": steps}, 3) == {"steps": 3}
+    failed = gpu_check.attempt(compile_failure)
+    assert failed == {"ok": False, "error": "RuntimeError: compile failed\nmore detail"}
+    report = {"device": "cpu", "tiny": True, "seconds": 1.0,
+              "speed": [{"method": "irl", "variant": "channels-last + compile", **failed},
+                        {"method": "agw", "variant": "contiguous", "ok": True, "steps": 2, "train_img_s": 10.0,
+                         "eval_img_s": 20.0, "peak_gpu_mib": None, "compiled": False}],
+              "ddp": {"ok": False, "error": "RuntimeError: NCCL error"}, "resume": dict(failed)}
+    gpu_check.print_report(report, str(tmp_path / "check.json"))
+    out = capsys.readouterr().out
+    assert "irl channels-last + compile: FAILED (RuntimeError: compile failed)" in out
+    assert "DDP: FAILED (RuntimeError: NCCL error)" in out and "Kill and resume: FAILED" in out
+    assert any(line.startswith("agw ") for line in out.splitlines())
