@@ -5,7 +5,8 @@
 On a CUDA machine (under 8 minutes on one GPU):
   1. speed: IRL ResNet-50 384x192 and AGW ResNet-50 288x144, fp16 AMP, 10 warm-up steps then 30 timed steps,
      contiguous vs channels-last vs channels-last + --compile: training images/s (view images, as train.py's
-     progress lines count them), evaluation images/s, peak GPU memory;
+     progress lines count them), evaluation images/s, peak GPU memory allocated by the run (above what was
+     allocated before it);
   2. ddp: a one-node torchrun job (NCCL, DDP) of one process against an uninterrupted 2-epoch run in one plain
      process on the same batches (their epoch losses must match; the weights' distance is reported), and, with
      two GPUs or more, a two-process job whose ranks must end with identical parameters;
@@ -21,6 +22,7 @@ interpreter costs about 4.5 CPU-seconds of imports, which would be most of the t
 check fails.
 """
 import argparse
+import gc
 import itertools
 import json
 import multiprocessing
@@ -110,10 +112,14 @@ def speed_run(root, base, method, flags, variant, common, steps):
     args = train_script.build_parser().parse_args(
         ["--dataset", "sysu", "--data-path", root, "--method", method, *flags, *common, *extra,
          "--epochs", "2", "--log-every", "1000000", "--model_path", folder, "--log_path", folder])
+    gc.collect()            # the previous speed run's network and optimizer, before this run's memory is counted
+    cuda = common[common.index("--device") + 1] == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
     run, _ = train_script.setup_run(args)
     device = run.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     warm_up, timed = steps
     loader = run.loader
     run.loader = FirstSteps(loader, warm_up)
@@ -143,7 +149,7 @@ def speed_run(root, base, method, flags, variant, common, steps):
     return {"method": method, "variant": variant, "steps": stats["batches"],
             "train_img_s": round(stats["batches"] * step_images / train_seconds, 1),
             "eval_img_s": round(sum(counted) / eval_seconds, 1),
-            "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == "cuda" else None,
+            "peak_gpu_mib": round((torch.cuda.max_memory_allocated() - baseline) / 2 ** 20) if cuda else None,
             "compiled": hasattr(run.net, "_orig_mod")}
 
 
