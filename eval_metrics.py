@@ -27,9 +27,10 @@ import similarity
 from similarity import STANDARD_FUSIONS
 
 # Rows per block = this // num_gallery (evened out to at most 1.5x that, _evaluate); keeps every
-# [rows, num_gallery] temporary at <= 12 MB, and a float32 block within the cache (measured a little
-# faster than 2**21 at the LLCM size).
-_BLOCK_ELEMENTS = 1 << 20
+# [rows, num_gallery] temporary at <= 6 MB, and a float32 block within the cache across the passes
+# over it. Interleaved runs against 2**20: SYSU size ~12% faster, LLCM size alike to 5-10% slower
+# (blocks of 150 rows); 2**18 was 10-35% slower at the LLCM size.
+_BLOCK_ELEMENTS = 1 << 19
 # A row with more gallery items within reach of its last true match than this fraction of the
 # gallery has its whole row value-sorted instead of listing those items one by one (the listing costs
 # more per item). bench/bench_metrics.py's matrices, interleaved runs: 0.1 and 0.2 alike within
@@ -201,7 +202,7 @@ def _evaluate(distmat, q_pids, g_pids, removed, max_rank, *, dedup_cmc, stable_s
     q_identity = identities.index_of(q_pids)
     block = max(1, _BLOCK_ELEMENTS // num_g)
     # Blocks of equal size, at most 1.5x the nominal one: a small last block would cost a block's fixed
-    # overhead for a few rows (the SYSU size is one block of 1.09x instead of 1 + 0.09).
+    # overhead for a few rows (the SYSU size: two blocks of 1,902 rows, not 1,741 + 1,741 + 321).
     block = -(-num_q // max(1, round(num_q / block)))
     if distmat.dtype.kind == "f":
         # Contiguous blocks, so that cells can be read through flat indices (much faster than
