@@ -6,10 +6,11 @@ Python loop per query. Pure numpy; of ours it imports only similarity.py (ground
 
 A query's Rank-k, AP and INP depend only on where its true matches are ranked, and the
 de-duplicated CMC only on how many other identities come before the first one, so float matrices
-are not argsorted: each query's match distances are compared with the few gallery items no farther
-than its last match (_rank_by_match_distances). That ranking is unambiguous except when a true match
-is exactly as far as another kept gallery item, or a match distance is NaN; those queries alone get
-the official full argsort, so the results equal the official loop's in every case (ties included).
+are not argsorted: each query's match distances are binary-searched in its row sorted by value alone,
+in float32, with the items beyond its last match flattened to one value (_rank_by_match_distances).
+That ranking is unambiguous except when a true match is as far as another kept gallery item (in
+float32), or a match distance is NaN; those queries alone get the official full argsort, so the
+results equal the official loop's in every case (ties included).
 
 Differences from the official code, all documented quirks of REFERENCE section 12:
 * Q-23: ties are ordered by numpy's default argsort as in the official code; `stable_sort=True`
@@ -31,26 +32,6 @@ from similarity import STANDARD_FUSIONS
 # over it. Interleaved runs against 2**20: SYSU size ~12% faster, LLCM size alike to 5-10% slower
 # (blocks of 150 rows); 2**18 was 10-35% slower at the LLCM size.
 _BLOCK_ELEMENTS = 1 << 19
-# A row with more gallery items within reach of its last true match than this fraction of the
-# gallery has its whole row value-sorted instead of listing those items one by one (the listing costs
-# more per item). bench/bench_metrics.py's matrices, interleaved runs: 0.1 and 0.2 alike within
-# noise, 0.05 and 0.35 slower.
-_SPARSE_CANDIDATE_FRACTION = 0.2
-# A route whose rows are more than this fraction of the block works on all of the block's rows in place
-# rather than on a copy of its own rows. Break-evens from per-cell costs (float32 on this CPU: a
-# comparison ~0.3 ns, a row copy ~0.5 ns, a sort ~2.5 ns): the other rows cost a comparison (listing)
-# or a sort (whole rows) each, the copy a pass over the route's rows. Interleaved runs: ~5% faster
-# than always copying at the LLCM size.
-_LISTED_IN_PLACE_FRACTION, _WHOLE_ROWS_IN_PLACE_FRACTION = 0.5, 0.8
-# A block with more than this fraction of rows to sort whole sorts all of its rows whole, in galleries
-# of at least this size (smaller blocks are cheap either way): interleaved runs at the SYSU size, near
-# chance, ~10% faster than listing the others, and alike elsewhere.
-_ALL_WHOLE_ROWS_FRACTION, _ALL_WHOLE_ROWS_MIN_GALLERY = 0.5, 64
-# Which route a row takes is estimated on up to this many runs of this many adjacent columns, at most a
-# quarter of the gallery (all columns of galleries under 64): reading whole cache lines costs a
-# fraction of a strided sample.
-_ROUTE_SAMPLE_RUNS, _ROUTE_RUN_LENGTH = 16, 16
-
 
 
 def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stable_sort=False):
@@ -191,8 +172,8 @@ def _evaluate(distmat, q_pids, g_pids, removed, max_rank, *, dedup_cmc, stable_s
     positions of its kept true matches matter (AP, INP, standard CMC) and, for the de-duplicated
     CMC, the number of distinct kept identities ranked before its first kept match.
 
-    Float matrices go through _rank_by_match_distances, which finds these numbers by comparing
-    distances with the query's few match distances instead of sorting its row. It hands back the
+    Float matrices go through _rank_by_match_distances, which finds these numbers by searching the
+    query's few match distances in its row sorted by value, without argsorting it. It hands back the
     queries whose order depends on how ties are broken, which get the full argsort with the requested
     kind, like integer matrices (Q-23): results are those of the official loop in every case.
     """
@@ -244,10 +225,9 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
 
     For a query whose kept true matches have the sorted distances T_0 <= ... <= T_k-1, match j sits
     at kept-list position j + (kept other-identity items closer than T_j), and the de-duplicated CMC
-    hit is the number of other identities with a kept item closer than T_0. Only items at most T_k-1
-    away (the candidates) matter. Rows with few of them list them, sort them by value and
-    binary-search each T_j among them; rows with many (near-chance models: the last match is deep)
-    sort their whole row instead. These counts equal the argsort positions unless an other-identity
+    hit is the number of other identities with a kept item closer than T_0. Each T_j is
+    binary-searched in the query's row sorted by value (_sorted_rows: matches, removed and
+    own-identity items set aside). These counts equal the argsort positions unless an other-identity
     item is exactly as far as a match (then its order is a tie-break) or a match distance is NaN
     (argsort puts NaN last); such rows are returned for the full sort. Equal match distances need no
     tie-break: the matches fill the same positions in either order.
@@ -267,157 +247,50 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     match_number = np.arange(len(pair_row)) - first_pair[pair_row]
     unsettled = np.bincount(pair_row, weights=np.isnan(pair_dist), minlength=num_rows) > 0
     has_match = (num_kept > 0) & ~unsettled
-    nearest = np.full(num_rows, np.nan, dtype=block.dtype)     # NaN: compares false, no candidates
+    nearest = np.full(num_rows, np.nan, dtype=block.dtype)     # NaN: compares false, nothing closer
     farthest = nearest.copy()
     nearest[has_match] = pair_dist[first_pair[has_match]]
     farthest[has_match] = pair_dist[first_pair[has_match] + num_kept[has_match] - 1]
+    rank_dtype = np.float32 if block.dtype.itemsize > 4 else block.dtype
+    with np.errstate(over="ignore", under="ignore"):         # to +-inf or zero: ties at worst
+        values = block.astype(rank_dtype)                     # a copy, sorted in place below
+        nearest, farthest, searched = (a.astype(rank_dtype) for a in (nearest, farthest, pair_dist))
     removed_cells = None
     if removed is not None and removed.other_identities:
         removed_cells = removed(rows[:, None], np.arange(num_g)[None, :])
-    ranked = block
-    if block.dtype.itemsize > 4:
-        with np.errstate(over="ignore", under="ignore"):     # to +-inf or zero: ties at worst
-            ranked, nearest, farthest, searched = (a.astype(np.float32) for a in (
-                block, nearest, farthest, pair_dist))
-    else:
-        searched = pair_dist
-    whole_row = _many_within_reach(ranked, farthest) & has_match
-    if num_g >= _ALL_WHOLE_ROWS_MIN_GALLERY and (
-            np.count_nonzero(whole_row) > _ALL_WHOLE_ROWS_FRACTION * num_rows):
-        whole_row = has_match      # one route for the block instead of the fixed costs of two
-    distinct_before = np.zeros(num_rows, dtype=np.intp) if dedup_cmc else None
-    closer = np.zeros(len(pair_row), dtype=np.intp)
-    for stretches, in_route, in_place_fraction in (
-            (_listed_stretches, has_match & ~whole_row, _LISTED_IN_PLACE_FRACTION),
-            (_whole_row_stretches, has_match & whole_row, _WHOLE_ROWS_IN_PLACE_FRACTION)):
-        selected = np.flatnonzero(in_route)
-        if len(selected) == 0:
-            continue
-        if len(selected) > in_place_fraction * num_rows:
-            # A route that takes most rows of the block takes all of them, in place (the others out
-            # of reach: NaN nearest and farthest) rather than copying its own.
-            selected = np.arange(num_rows)
-        part = _RowPart(ranked, ranked is not block, selected, own_row, own_col, removed_cells)
-        sorted_values, start, width, distinct = stretches(
-            part, np.where(in_route, nearest, np.nan)[selected],
-            np.where(in_route, farthest, np.nan)[selected], identities, dedup_cmc)
-        pairs = np.flatnonzero(in_route[pair_row])
-        local_row = part.local[pair_row[pairs]]
-        closer[pairs], tied = _search_stretches(sorted_values, start[local_row], width[local_row],
-                                                searched[pairs])
-        unsettled[pair_row[pairs[tied]]] = True
-        if distinct is not None:
-            distinct_before[in_route] = distinct[part.local[in_route]]
+    distinct_before = _sorted_rows(values, own_row, own_col, removed_cells, nearest, farthest,
+                                   identities if dedup_cmc else None)
+    closer, tied = _search_sorted_rows(values, pair_row, searched)
+    unsettled[pair_row[tied]] = True
     results.record(rows, pair_row, closer + match_number, distinct_before)
     return rows[unsettled]
 
 
-def _many_within_reach(block, farthest):
-    """Per row: whether more than _SPARSE_CANDIDATE_FRACTION of its cells are no farther than
-    `farthest`, estimated on evenly spread runs of adjacent columns (a few cache lines per row; this
-    only picks the faster route, never a result)."""
-    num_rows, num_g = block.shape
-    num_runs = min(_ROUTE_SAMPLE_RUNS, num_g // (4 * _ROUTE_RUN_LENGTH))   # at most a quarter
-    if num_runs == 0:
-        sample = block[:, None, :]                              # small gallery: all of it
-    else:
-        spacing = num_g // num_runs
-        sample = block[:, :num_runs * spacing].reshape(num_rows, num_runs, spacing)
-        sample = sample[:, :, :_ROUTE_RUN_LENGTH]
-    within = (sample <= farthest[:, None, None]).reshape(num_rows, -1)   # contiguous: no copy
-    num_within = np.add.reduce(within.view(np.uint8), axis=1, dtype=np.uint32)
-    return num_within > _SPARSE_CANDIDATE_FRACTION * within.shape[1]
+def _sorted_rows(values, own_row, own_col, removed_cells, nearest, farthest, identities):
+    """Sort each row of `values` in place, with own-identity cells (matches and removed own items) and
+    removed cells set to NaN (sorted last, below and equal to nothing) and the cells beyond the row's
+    last match (`farthest`) set to the value just past it; rows without one (NaN) become all NaN.
+    Returns, per row, the number of distinct identities with a kept item closer than its first match
+    (`nearest`), or None without `identities`.
 
-
-class _RowPart:
-    """The rows `selected` of a block (the block itself when they are all of them), with the cells to
-    set aside re-indexed to them: own-identity cells (matches and removed own items) and removed
-    cells of other identities. local[r] = row r's index in the part, -1 outside it. owned: the block
-    is a scratch copy that may be changed in place."""
-
-    def __init__(self, block, owned, selected, own_row, own_col, removed_cells):
-        num_rows = block.shape[0]
-        self.whole_block = len(selected) == num_rows
-        self.block, self.owned, self.selected = block, owned, selected
-        self.local = np.full(num_rows, -1, dtype=np.intp)
-        self.local[selected] = np.arange(len(selected))
-        inside = self.local[own_row] >= 0
-        self.own_row, self.own_col = self.local[own_row[inside]], own_col[inside]
-        self.removed_cells = (removed_cells if removed_cells is None or self.whole_block
-                              else removed_cells[selected])
-
-    def values(self, writable=False):
-        """The part's rows: a view of the block when they are all of its rows, unless `writable` asks
-        for an array that may be changed and the block is not owned."""
-        if not self.whole_block:
-            return self.block[self.selected]
-        return self.block.copy() if writable and not self.owned else self.block
-
-    def own_flat(self):
-        """Flat indices of the own-identity cells in a [part rows, num_gallery] array."""
-        return self.own_row * self.block.shape[1] + self.own_col
-
-
-def _listed_stretches(part, nearest, farthest, identities, dedup_cmc):
-    """Each row's kept other-identity values no farther than its last match, sorted, in one buffer.
-
-    Returns (buffer, start, width, distinct identities before the first match or None): row r's
-    values lie in buffer[start[r]:start[r] + width[r]], ascending, padded at the end with NaN (sorts
-    last, never below or equal to anything). A row gets the next power of two above its count as
-    width, so rows of one width sort together as a 2-D block and a few long rows do not widen the
-    others.
+    A cell past the last match is past every match and equal to none, so it counts the same as its
+    true value, and equal values sort fast (numpy's vectorised quicksort): float32 rows of 3,500 with
+    half their cells equal sorted in half the time, with 84% equal in a fifth (micro-benchmark), for
+    one np.minimum pass.
     """
-    values = part.values()
     num_rows, num_g = values.shape
-    # <= (not <): an other-identity item exactly as far as the last match must be seen as a tie.
-    candidate = values <= farthest[:, None]
-    candidate.reshape(-1)[part.own_flat()] = False             # matches and removed own items
-    if part.removed_cells is not None:
-        np.greater(candidate, part.removed_cells, out=candidate)  # candidate and not removed, one pass
-    num_candidates = np.add.reduce(candidate.view(np.uint8), axis=1, dtype=np.uint32).astype(np.intp)
-    flat = np.flatnonzero(candidate)                           # much faster than a 2-D nonzero
-    cand_row = np.repeat(np.arange(num_rows), num_candidates)
-    value = values.reshape(-1)[flat]
-    distinct = None
-    if dedup_cmc:
-        closer_than_first = value < nearest[cand_row]
-        before_row = cand_row[closer_than_first]
-        distinct = _distinct_per_row(before_row, flat[closer_than_first] - before_row * num_g,
-                                     num_rows, identities)
-    width = np.zeros(num_rows, dtype=np.intp)
-    listed = num_candidates > 0
-    width[listed] = 1 << np.ceil(np.log2(num_candidates[listed])).astype(np.intp)
-    order = np.argsort(width, kind="stable")
-    start = np.empty(num_rows, dtype=np.intp)
-    start[order] = np.cumsum(width[order]) - width[order]
-    sorted_values = np.full(int(width.sum()), np.nan, dtype=values.dtype)
-    position = np.arange(len(cand_row)) - (np.cumsum(num_candidates) - num_candidates)[cand_row]
-    sorted_values[start[cand_row] + position] = value
-    group_widths, group_first = np.unique(width[order], return_index=True)
-    group_end = np.r_[group_first[1:], num_rows]
-    for group_width, first, end in zip(group_widths, group_first, group_end):
-        if group_width:
-            rows_start = start[order[first]]
-            sorted_values[rows_start:rows_start + (end - first) * group_width].reshape(
-                end - first, group_width).sort(axis=1)
-    return sorted_values, start, width, distinct
-
-
-def _whole_row_stretches(part, nearest, farthest, identities, dedup_cmc):
-    """The part's whole rows, sorted, with removed and own-identity cells set to NaN; returns
-    (buffer, start, width, distinct identities before the first match or None) like
-    _listed_stretches."""
-    values = part.values(writable=True)
-    if part.removed_cells is not None:
-        np.copyto(values, np.nan, where=part.removed_cells)
-    values.reshape(-1)[part.own_flat()] = np.nan
-    num_rows, num_g = values.shape
-    distinct = None
-    if dedup_cmc:
+    with np.errstate(under="ignore"):                        # next after zero: a subnormal
+        just_past_reach = np.nextafter(farthest, np.inf)
+    np.minimum(values, just_past_reach[:, None], out=values)
+    if removed_cells is not None:
+        np.copyto(values, np.nan, where=removed_cells)
+    values.reshape(-1)[own_row * num_g + own_col] = np.nan
+    distinct_before = None
+    if identities is not None:
         before_row, before_col = np.divmod(np.flatnonzero(values < nearest[:, None]), num_g)
-        distinct = _distinct_per_row(before_row, before_col, num_rows, identities)
+        distinct_before = _distinct_per_row(before_row, before_col, num_rows, identities)
     values.sort(axis=1)
-    return values.reshape(-1), np.arange(num_rows) * num_g, np.full(num_rows, num_g), distinct
+    return distinct_before
 
 
 def _own_identity_cells(q_id, identities):
@@ -447,23 +320,24 @@ def _sorted_by_distance(block, pair_row, pair_col):
     return pair_row[order], pair_col[order], pair_dist[order], count
 
 
-def _search_stretches(sorted_values, start, width, value):
-    """Per value: (entries of sorted_values[start:start + width] strictly below it, whether one
-    equals it), by one vectorised branch-free binary search: every round halves the step and moves
-    each value's count forward where the entry just past it is still below the value."""
+def _search_sorted_rows(sorted_rows, row, value):
+    """Per value: (entries of sorted_rows[row] strictly below it, whether one equals it), by one
+    vectorised branch-free binary search: every round halves the step and moves each value's count
+    forward where the entry just past it is still below the value."""
+    num_g = sorted_rows.shape[1]
+    flat = sorted_rows.reshape(-1)
+    before_row = row * num_g - 1          # the probe-th entry of a row: before_row + probe
     below = np.zeros(len(value), dtype=np.intp)
-    before_start = start - 1              # the probe-th entry of a stretch: before_start + probe
-    widest = int(width.max(initial=0))
-    step = 1 << (widest.bit_length() - 1) if widest else 0
+    step = 1 << (num_g.bit_length() - 1)
     while step:
         probe = below + step
-        # Probes past a stretch's end read its last entry (or, if empty, any valid one) and are ignored.
-        entry = sorted_values[before_start + np.minimum(probe, width)]
-        below += step * ((probe <= width) & (entry < value))
+        # Probes past the row's end read its last entry and are ignored.
+        entry = flat[before_row + np.minimum(probe, num_g)]
+        below += step * ((probe <= num_g) & (entry < value))
         step >>= 1
     tied = np.zeros(len(value), dtype=bool)
-    inside = np.flatnonzero(below < width)
-    tied[inside] = sorted_values[start[inside] + below[inside]] == value[inside]
+    inside = np.flatnonzero(below < num_g)
+    tied[inside] = flat[before_row[inside] + 1 + below[inside]] == value[inside]
     return below, tied
 
 

@@ -424,11 +424,10 @@ def test_parity_medium_sysu_shape():
 
 
 # ----------------------------------------------------------------------------- ranking without argsort
-# eval_metrics ranks float matrices by comparing each query's true-match distances with the gallery
-# items within reach (listed one by one, or whole rows value-sorted when there are many), and argsorts
-# only queries with a tie between a match and another kept item, or a NaN match distance. The tests
-# below force each route and check it against the literal loop.
-ROUTES = {"listed": 1.0, "whole rows": 0.0, "mixed": 0.2}
+# eval_metrics ranks float matrices by binary-searching each query's true-match distances in its row
+# sorted by value (in float32, cells beyond the last match flattened), and argsorts only queries with
+# a tie between a match and another kept item, or a NaN match distance. The tests below check it
+# against the literal loop.
 
 
 def _tricky_case(seed):
@@ -445,10 +444,8 @@ def _tricky_case(seed):
     return rng, dist, q_pids, g_pids, max_rank
 
 
-@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("seed", range(25))
-def test_parity_on_each_route(monkeypatch, route, seed):
-    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+def test_parity_of_all_metrics_on_one_matrix(seed):
     rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
     q_cams, g_cams = _sysu_cams(rng, *dist.shape)
     _check_parity(eval_sysu, literal_eval_sysu, (dist, q_pids, g_pids, q_cams, g_cams, max_rank))
@@ -458,48 +455,39 @@ def test_parity_on_each_route(monkeypatch, route, seed):
 
 
 @pytest.mark.parametrize("sort_kind", ["stable", "default"])
-@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("seed", range(12))
-def test_parity_with_nan_inf_signed_zero_and_ties_on_each_route(monkeypatch, route, seed, sort_kind):
-    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+def test_parity_with_nan_inf_signed_zero_and_ties(seed, sort_kind):
     rng, dist, q_pids, g_pids, max_rank = _tricky_case(seed)
     _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, sort_kind)
 
 
 def _count_routes(monkeypatch):
-    """Spy on the ranking routes: rows listed one by one, whole rows sorted, rows argsorted."""
-    counts = {"listed": 0, "whole rows": 0, "argsorted": 0}
-    listed, whole_rows = eval_metrics._listed_stretches, eval_metrics._whole_row_stretches
-    full_sort = eval_metrics._rank_by_full_sort
+    """Spy on the ranking: rows value-sorted, rows argsorted."""
+    counts = {"value-sorted": 0, "argsorted": 0}
+    sorted_rows, full_sort = eval_metrics._sorted_rows, eval_metrics._rank_by_full_sort
 
-    def spy_listed(*args):
-        sorted_values, start, width, distinct = listed(*args)
-        counts["listed"] += int(np.count_nonzero(width))          # rows with candidates listed
-        return sorted_values, start, width, distinct
-
-    def spy_whole_rows(*args):
-        sorted_values, start, width, distinct = whole_rows(*args)
-        counts["whole rows"] += len(width)
-        return sorted_values, start, width, distinct
+    def spy_sorted_rows(values, *args):
+        counts["value-sorted"] += len(values)
+        return sorted_rows(values, *args)
 
     def spy_full_sort(distmat, rows, *args):
         counts["argsorted"] += len(rows)
         return full_sort(distmat, rows, *args)
 
-    monkeypatch.setattr(eval_metrics, "_listed_stretches", spy_listed)
-    monkeypatch.setattr(eval_metrics, "_whole_row_stretches", spy_whole_rows)
+    monkeypatch.setattr(eval_metrics, "_sorted_rows", spy_sorted_rows)
     monkeypatch.setattr(eval_metrics, "_rank_by_full_sort", spy_full_sort)
     return counts
 
 
 def test_parity_cases_exercise_every_route(monkeypatch):
-    """Guard that the parity cases above reach the routes they are meant to test."""
+    """Guard that the parity cases above reach the routes they are meant to test: random cases
+    only the sorted rows, tricky ones also the argsort."""
     counts = _count_routes(monkeypatch)
     for seed in range(25):
         rng, dist, q_pids, g_pids, _ = _random_case(seed)
         with contextlib.suppress(ValueError):                # cases without a valid query
             eval_llcm(dist, q_pids, g_pids, *_llcm_cams(rng, *dist.shape))
-    assert counts["listed"] >= 10 and counts["whole rows"] >= 100 and counts["argsorted"] == 0
+    assert counts["value-sorted"] >= 100 and counts["argsorted"] == 0
     for seed in range(12):
         rng, dist, q_pids, g_pids, _ = _tricky_case(seed)
         with contextlib.suppress(ValueError):
@@ -554,9 +542,7 @@ def test_parity_on_non_contiguous_and_float32_matrices(seed):
 
 # Float64 matrices are ranked in float32 (eval_metrics._rank_by_match_distances): distances that
 # differ only below float32's resolution round to equal values and must go to the argsort.
-@pytest.mark.parametrize("route", ROUTES)
-def test_float64_distances_equal_after_rounding_rank_by_their_exact_values(monkeypatch, route):
-    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+def test_float64_distances_equal_after_rounding_rank_by_their_exact_values(monkeypatch):
     counts = _count_routes(monkeypatch)
     # Query 0: the non-match is 1e-12 farther than the match -> match first (AP 1).
     # Query 1: the non-match is 1e-12 closer -> match second (AP 1/2).
@@ -586,10 +572,8 @@ def _beyond_float32_case(seed):
 
 
 @pytest.mark.parametrize("sort_kind", ["stable", "default"])
-@pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("seed", range(8))
-def test_parity_beyond_float32_resolution_and_range_on_each_route(monkeypatch, route, seed, sort_kind):
-    monkeypatch.setattr(eval_metrics, "_SPARSE_CANDIDATE_FRACTION", ROUTES[route])
+@pytest.mark.parametrize("seed", range(24))
+def test_parity_beyond_float32_resolution_and_range(seed, sort_kind):
     with np.errstate(under="ignore"):
         rng, dist, q_pids, g_pids, _ = _beyond_float32_case(seed)
     with np.errstate(all="raise"):                 # rounding to float32 must not warn either
@@ -597,24 +581,33 @@ def test_parity_beyond_float32_resolution_and_range_on_each_route(monkeypatch, r
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_parity_in_galleries_large_enough_to_sample_routes(monkeypatch, seed):
-    """Galleries of 64 columns or more choose routes from a column sample; trained-like rows
-    (matches close) and near-chance rows (matches deep) share each block, so both routes and the
-    in-place listing of most rows are used; a block of mostly near-chance rows sorts all rows whole."""
-    counts = _count_routes(monkeypatch)
+def test_parity_in_a_larger_gallery_with_close_and_deep_matches(seed):
+    """Trained-like rows (matches close: most of the row is flattened beyond the last match) and
+    near-chance rows (matches deep) in one block of a 700-item gallery."""
     rng = np.random.default_rng(300 + seed)
     num_q, num_g = 150, 700
     q_pids, g_pids = rng.integers(0, 40, num_q), rng.integers(0, 40, num_g)
-    trained_like = [0.7, 0.7, 0.2][seed]                 # seed 2: most rows whole -> all rows whole
+    trained_like = [0.7, 0.7, 0.2][seed]
     pull = np.where(rng.random(num_q) < trained_like, 4.0, 0.5)[:, None]
     dist = rng.standard_normal((num_q, num_g)) - pull * (q_pids[:, None] == g_pids[None, :])
     if seed == 2:
         dist = dist.astype(np.float32)
     _check_parity_of_all_metrics(rng, dist, q_pids, g_pids, "default")
-    if seed < 2:
-        assert counts["listed"] >= 100 and counts["whole rows"] >= 50
-    else:
-        assert counts["listed"] == 0 and counts["whole rows"] >= 3 * 140
+
+
+def test_items_just_beyond_the_last_match_are_neither_ties_nor_closer(monkeypatch):
+    """Cells beyond a query's last match are flattened to the value just past it: an item exactly
+    there must rank after the match without being taken for a tie, one at the match distance is a tie."""
+    counts = _count_routes(monkeypatch)
+    last = np.float32(1.0)
+    just_past = np.nextafter(last, np.float32(2.0))
+    dist = np.array([[last, just_past, 0.5, 3.0],                 # match at column 0
+                     [last, last, 0.5, 3.0]], dtype=np.float32)    # column 1: a tie with the match
+    q_pids, g_pids = np.array([1, 1]), np.array([1, 2, 3, 4])
+    cmc, mAP, mINP = eval_regdb(dist, q_pids, g_pids, stable_sort=True)
+    _assert_same((cmc, mAP, mINP), literal_eval_regdb(dist, q_pids, g_pids, stable_sort=True))
+    assert mAP == pytest.approx(1 / 2)                            # both: match second, after 0.5
+    assert counts["argsorted"] == 1                               # the tie only
 
 
 # ----------------------------------------------------------------------------- plain loop (bench)
