@@ -29,8 +29,8 @@ from similarity import STANDARD_FUSIONS
 
 # Rows per block = this // num_gallery (evened out to at most 1.5x that, _evaluate); keeps every
 # [rows, num_gallery] temporary at <= 6 MB, and a float32 block within the cache across the passes
-# over it. Interleaved runs against 2**20: SYSU size ~12% faster, LLCM size alike to 5-10% slower
-# (blocks of 150 rows); 2**18 was 10-35% slower at the LLCM size.
+# over it. Interleaved runs at the SYSU and LLCM sizes: 2**20 and 2**21 alike within noise, 2**18
+# 7-14% slower.
 _BLOCK_ELEMENTS = 1 << 19
 
 
