@@ -77,11 +77,15 @@ def removed_gallery(metric, q_pids, q_cams, g_pids, g_cams):
     return np.broadcast_to(removed, (len(q_pids), len(g_pids))).copy()
 
 
+# SYSU-MM01 (REFERENCE 3.2): queries from this camera ignore every gallery image of that one.
+_SYSU_QUERY_CAMERA, _SYSU_IGNORED_GALLERY_CAMERA = 3, 2
+
+
 def _removed(metric, q_pids, q_cams, g_pids, g_cams):
     """The removal rules of removed_gallery, element by element with numpy broadcasting, so the same
     rule serves whole [queries, gallery] blocks and lists of (query, gallery) pairs."""
     if metric == "sysu":
-        return (q_cams == 3) & (g_cams == 2)
+        return (q_cams == _SYSU_QUERY_CAMERA) & (g_cams == _SYSU_IGNORED_GALLERY_CAMERA)
     if metric == "llcm":
         return (q_pids == g_pids) & (q_cams == g_cams)
     return np.zeros(np.broadcast_shapes(np.shape(q_pids), np.shape(g_pids)), dtype=bool)
@@ -98,13 +102,24 @@ class _Removal:
     arrays that broadcast together."""
 
     def __init__(self, metric, q_pids, q_cams, g_pids, g_cams):
+        if metric != "sysu" and metric not in _OWN_IDENTITY_ONLY_RULES:
+            raise ValueError(f"no gallery-removal rule for metric {metric!r}")
         self.metric, self.q_pids, self.q_cams, self.g_pids, self.g_cams = (
             metric, q_pids, q_cams, g_pids, g_cams)
-        self.other_identities = metric not in _OWN_IDENTITY_ONLY_RULES
 
     def __call__(self, q_index, g_index):
         return _removed(self.metric, self.q_pids[q_index], self.q_cams[q_index],
                         self.g_pids[g_index], self.g_cams[g_index])
+
+    def other_identity_cells(self, q_index):
+        """The cells of other identities the rule removes for the queries q_index, as a product
+        (positions in q_index, gallery columns): every such pair is removed and no other cell of
+        another identity (SYSU removes one gallery camera for one query camera); None for rules
+        that remove none. Setting a product aside costs a fraction of a [queries, gallery] mask."""
+        if self.metric in _OWN_IDENTITY_ONLY_RULES:
+            return None
+        return (np.flatnonzero(self.q_cams[q_index] == _SYSU_QUERY_CAMERA),
+                np.flatnonzero(self.g_cams == _SYSU_IGNORED_GALLERY_CAMERA))
 
 
 def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -255,10 +270,8 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     with np.errstate(over="ignore", under="ignore"):         # to +-inf or zero: ties at worst
         values = block.astype(rank_dtype)                     # a copy, sorted in place below
         nearest, farthest, searched = (a.astype(rank_dtype) for a in (nearest, farthest, pair_dist))
-    removed_cells = None
-    if removed is not None and removed.other_identities:
-        removed_cells = removed(rows[:, None], np.arange(num_g)[None, :])
-    distinct_before = _sorted_rows(values, own_row, own_col, removed_cells, nearest, farthest,
+    removed_others = removed.other_identity_cells(rows) if removed is not None else None
+    distinct_before = _sorted_rows(values, own_row, own_col, removed_others, nearest, farthest,
                                    identities if dedup_cmc else None)
     closer, tied = _search_sorted_rows(values, pair_row, searched)
     unsettled[pair_row[tied]] = True
@@ -266,9 +279,10 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     return rows[unsettled]
 
 
-def _sorted_rows(values, own_row, own_col, removed_cells, nearest, farthest, identities):
+def _sorted_rows(values, own_row, own_col, removed_others, nearest, farthest, identities):
     """Sort each row of `values` in place, with own-identity cells (matches and removed own items) and
-    removed cells set to NaN (sorted last, below and equal to nothing) and the cells beyond the row's
+    removed cells of other identities (removed_others: (rows, columns) whose product is removed, or
+    None) set to NaN (sorted last, below and equal to nothing) and the cells beyond the row's
     last match (`farthest`) set to the value just past it; rows without one (NaN) become all NaN.
     Returns, per row, the number of distinct identities with a kept item closer than its first match
     (`nearest`), or None without `identities`.
@@ -282,8 +296,8 @@ def _sorted_rows(values, own_row, own_col, removed_cells, nearest, farthest, ide
     with np.errstate(under="ignore"):                        # next after zero: a subnormal
         just_past_reach = np.nextafter(farthest, np.inf)
     np.minimum(values, just_past_reach[:, None], out=values)
-    if removed_cells is not None:
-        np.copyto(values, np.nan, where=removed_cells)
+    if removed_others is not None:
+        values[np.ix_(*removed_others)] = np.nan
     values.reshape(-1)[own_row * num_g + own_col] = np.nan
     distinct_before = None
     if identities is not None:

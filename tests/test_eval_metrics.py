@@ -532,6 +532,23 @@ def test_own_identity_only_rules_never_remove_other_identities():
         assert not (removed & (q_pids[:, None] != g_pids[None, :])).any()
 
 
+def test_sysu_removal_is_the_product_of_its_query_rows_and_gallery_columns():
+    """eval_metrics sets SYSU's removed cells aside as rows x columns; check that this product is
+    exactly the rule, for a subset of queries too."""
+    rng = np.random.default_rng(12)
+    q_pids, q_cams = rng.integers(0, 5, 200), rng.choice([3, 6], 200)
+    g_pids, g_cams = rng.integers(0, 5, 300), rng.choice([1, 2, 4, 5], 300)
+    removal = eval_metrics._Removal("sysu", q_pids, q_cams, g_pids, g_cams)
+    queries = np.arange(10, 150)
+    rows, columns = removal.other_identity_cells(queries)
+    product = np.zeros((len(queries), len(g_pids)), dtype=bool)
+    product[np.ix_(rows, columns)] = True
+    expected = eval_metrics.removed_gallery("sysu", q_pids[queries], q_cams[queries], g_pids, g_cams)
+    assert product.any() and np.array_equal(product, expected)
+    assert eval_metrics._Removal("llcm", q_pids, q_cams, g_pids, g_cams).other_identity_cells(
+        queries) is None
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_parity_on_non_contiguous_and_float32_matrices(seed):
     rng, dist, q_pids, g_pids, max_rank = _random_case(seed)
