@@ -92,8 +92,8 @@ def _removed(metric, q_pids, q_cams, g_pids, g_cams):
 
 
 # Rules that only ever remove gallery items of the query's own identity (test_eval_metrics checks
-# this): the ranking without a sort sets those items aside anyway, so it need not evaluate the rule
-# over whole rows.
+# this): the ranking without an argsort sets those items aside anyway, so it need not evaluate the
+# rule over whole rows.
 _OWN_IDENTITY_ONLY_RULES = frozenset({"llcm"})
 
 
