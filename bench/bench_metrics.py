@@ -10,8 +10,8 @@ Each size gets two distance matrices:
   that Rank-1 / mAP are near published models' (printed with the results);
 * near chance: float64 N(0, 1) distances, same-identity pairs 1.5 closer on average (mAP below 0.25).
   True matches sit deep in every row, so most cells are within reach of one: the worst case for
-  eval_metrics, which only looks at the cells up to each query's last true match (such rows have their
-  whole row sorted, in float32).
+  eval_metrics, which sorts each row by value (in float32) with the cells beyond the query's last
+  true match flattened to one value, which the sort passes over quickly.
 
 The baseline (plain_eval_* in tests/test_eval_metrics.py, checked there against the literal copy of
 the official loop) ranks one query at a time with whole-row numpy operations; the official loop is
