@@ -10,6 +10,7 @@ import re
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 import data_loader
 import eval_metrics
@@ -25,7 +26,8 @@ def extract(net, paths, pids, modal, img_h, img_w, batch_size, workers, device, 
             progress=True):
     """{feature name: float64 L2-normalised features} of the images at `paths` through the stems of `modal`
     (model.extract_features)."""
-    loader = data_loader.make_test_loader(list(paths), np.asarray(pids), img_h, img_w, batch_size, workers)
+    loader = data_loader.make_test_loader(list(paths), np.asarray(pids), img_h, img_w, batch_size, workers,
+                                          pin_memory=torch.device(device).type == "cuda")
     return models.extract_features(net, loader, modal, device, flip=flip, channels_last=channels_last,
                                    progress=progress)
 

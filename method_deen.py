@@ -30,10 +30,10 @@ class DEENLoss:
     `labels` are the batch's [visible, infrared] labels (2M rows); the tripled batch repeats them 3 times.
     """
 
-    def __init__(self, margin):
+    def __init__(self, margin, identities=None):
         self.cross_entropy = nn.CrossEntropyLoss()
         self.triplet = losses.OriTripletLoss(margin=margin)
-        self.cpm = losses.CPMLoss()
+        self.cpm = losses.CPMLoss(identities=identities)
 
     def __call__(self, outputs, labels):
         pool, logits, ort_raw = outputs
@@ -85,4 +85,4 @@ class DEENMethod(Method):
     def build_criterion(self, config):
         if config["loss_tri"] != "OriTriplet":
             raise ConfigError(f"--loss_tri {config['loss_tri']}: DEEN trains with OriTriplet (and CPM, ORT)")
-        return DEENLoss(config["margin"])
+        return DEENLoss(config["margin"], identities=config.get("batch_size"))

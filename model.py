@@ -574,17 +574,18 @@ def extract_features(model, loader, modal, device, *, flip=False, channels_last=
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for imgs, _ in loader:
                 x = imgs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                batches.append({name: feats.double().cpu().numpy()
-                                for name, feats in net.test_features(x, modal, flip=flip).items()})
+                # The features stay on the device until the end: a copy per batch would wait for each batch.
+                batches.append(net.test_features(x, modal, flip=flip))
                 if shown is not None:
                     shown.update(len(imgs))
+            if not batches:
+                return {name: np.zeros((0, net.test_feature_dim)) for name in net.test_feature_names}
+            return {name: torch.cat([batch[name] for batch in batches]).double().cpu().numpy()
+                    for name in batches[0]}
     finally:
         net.train(was_training)
         if shown is not None:
             shown.close()
-    if not batches:
-        return {name: np.zeros((0, net.test_feature_dim)) for name in net.test_feature_names}
-    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
 
 
 # Modules trained at the full LR, one SGD group each, unless a network lists its own in `HEAD_MODULES`

@@ -520,6 +520,13 @@ def step_line(run, epoch, step, steps, averages, images, elapsed):
             f"ETA epoch {progress.format_seconds(epoch_eta)}, run {progress.format_seconds(run_eta)} (training only)")
 
 
+def fused_sgd(scaler):
+    """SGD's `fused` setting: fused with an fp16 GradScaler, which then hands it its inf/NaN flag on the device
+    (unfused, scaler.step reads the flag on the host every step); the default (None) otherwise, which keeps CPU
+    runs bitwise as before."""
+    return True if scaler.is_enabled() else None
+
+
 def evaluated_modes(method):
     """The similarities train.py evaluates: the method's selection mode, then BN and pool."""
     return tuple(dict.fromkeys((method.selection_mode, "bn", "pool")))
@@ -655,11 +662,11 @@ def setup_run(args):
     memory_format = torch.channels_last if config["channels_last"] else torch.contiguous_format
     net = net.to(device, memory_format=memory_format)
     net.set_grad_checkpointing(config["grad_checkpoint"])
-    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
-                                momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))
     amp_dtype = autocast_dtype(config["amp"], device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer = torch.optim.SGD(models.param_groups(net, config["lr"], config["backbone_lr_mult"]), lr=config["lr"],
+                                momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fused_sgd(scaler))
+    scheduler = utils.make_lr_scheduler(optimizer, lr_schedule(config))
     run = Run(config=config, sources=sources, world_size=world_size, distributed=dist.is_initialized(), rank=rank, device=device, suffix=suffix,
               paths=paths, log=log, data=data, protocol=protocol, bare_net=net, net=net, optimizer=optimizer,
               scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, method=method, criterion=method.build_criterion(config),
@@ -697,6 +704,8 @@ def restore_training_state(run, ckpt, path):
     try:
         run.bare_net.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in run.optimizer.param_groups:      # the saved groups' own setting would replace ours
+            group["fused"] = fused_sgd(run.scaler)
         run.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])

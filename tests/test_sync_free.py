@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import loss
 import methods
+import model as models
 from test_train import TINY, one_thread, train_script, workspace  # noqa: F401 (one_thread: a fixture)
 from utils import ConfigError
 
@@ -150,14 +151,6 @@ class FirstStepRecorded:
         self.recorder.active = False
 
 
-# Known host reads left in a method's step, each with the fix that removes it (outside this file's reach).
-KNOWN_SYNCS = {
-    "deen": "loss.CPMLoss.forward (twice a step) counts identities with labels.unique() and takes the "
-            "off-diagonal centre distances with a boolean mask (4 mask reads forward, 4 backward): count from "
-            "the shape, mask the diagonal with masked_fill(eye, inf) before amin(1)",
-}
-
-
 def tiny_run(tmp_path_factory, tmp_path, method):
     ws = workspace(tmp_path_factory)
     args = train_script.build_parser().parse_args(
@@ -178,18 +171,12 @@ def assert_first_step_never_waits(run, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, run.bare_net.parameters()))     # it did train
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_SYNCS[name]))
-    if name in KNOWN_SYNCS else name for name in methods.names()])
+@pytest.mark.parametrize("method", methods.names())
 def test_one_training_step_of_every_method_never_waits_for_the_device(tmp_path_factory, tmp_path, monkeypatch,
                                                                       one_thread, method):
     assert_first_step_never_waits(tiny_run(tmp_path_factory, tmp_path, method), monkeypatch)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "GradScaler.step reads its inf/NaN flag on the host (found_inf.item()) unless the optimizer takes it on the "
-    "device, as fused SGD does: train.setup_run should build torch.optim.SGD(..., fused=scaler.is_enabled() or "
-    "None), with the scaler built first"))
 def test_an_fp16_amp_step_with_its_grad_scaler_never_waits_for_the_device(tmp_path_factory, tmp_path, monkeypatch,
                                                                          one_thread):
     # The run set up as for CUDA's fp16 AMP (an enabled GradScaler, and whatever optimizer setup_run pairs with
@@ -198,5 +185,22 @@ def test_an_fp16_amp_step_with_its_grad_scaler_never_waits_for_the_device(tmp_pa
     monkeypatch.setattr(train_script, "autocast_dtype", lambda amp, device, log=None: torch.float16)
     run = tiny_run(tmp_path_factory, tmp_path, "irl")
     assert run.scaler.is_enabled()
+    run.amp_dtype = None
+    assert_first_step_never_waits(run, monkeypatch)
+
+
+def test_an_fp16_run_resumed_from_an_unfused_optimizer_state_steps_fused_without_waiting(tmp_path_factory, tmp_path,
+                                                                                        monkeypatch, one_thread):
+    """Checkpoints written before SGD was fused under fp16 hold fused=None in their groups; resuming must keep
+    the fused optimizer (loading the old groups as they are fails inside scaler.step)."""
+    monkeypatch.setattr(train_script, "autocast_dtype", lambda amp, device, log=None: torch.float16)
+    run = tiny_run(tmp_path_factory, tmp_path, "irl")
+    old = torch.optim.SGD(models.param_groups(run.bare_net, 0.1), lr=0.1, momentum=0.9, nesterov=True)
+    assert all(group["fused"] is None for group in old.param_groups)
+    checkpoint = {"model": run.bare_net.state_dict(), "optimizer": old.state_dict(),
+                  "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": 0,
+                  "best_metric": -1.0, "best_epoch": -1}
+    train_script.restore_training_state(run, checkpoint, "old.pth")
+    assert all(group["fused"] is True for group in run.optimizer.param_groups)
     run.amp_dtype = None
     assert_first_step_never_waits(run, monkeypatch)
