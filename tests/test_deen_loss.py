@@ -45,7 +45,10 @@ def test_cpm_matches_a_brute_force_loop(dtype, n, p, d):
     x = torch.randn(4 * n * p, d, dtype=dtype)
     labels = torch.arange(n).repeat_interleave(p).repeat(4)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    assert losses.CPMLoss()(x, labels).item() == pytest.approx(cpm_loop(x.double(), n), rel=tol, abs=tol)
+    expected = cpm_loop(x.double(), n)
+    assert losses.CPMLoss()(x, labels).item() == pytest.approx(expected, rel=tol, abs=tol)
+    # B given by the recipe (train.py's DEEN loss: no label count, no host read) gives the same loss.
+    assert losses.CPMLoss(identities=n)(x, labels).item() == pytest.approx(expected, rel=tol, abs=tol)
 
 
 def test_cpm_anchor_pairs_carry_no_gradient_and_one_identity_is_refused():
@@ -55,6 +58,8 @@ def test_cpm_anchor_pairs_carry_no_gradient_and_one_identity_is_refused():
     assert torch.isfinite(x.grad).all()
     with pytest.raises(ConfigError, match="at least 2 identities"):
         losses.CPMLoss()(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="3 rows per block do not hold 2 identities"):
+        losses.CPMLoss(identities=2)(torch.randn(12, 3), torch.zeros(12, dtype=torch.long))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
