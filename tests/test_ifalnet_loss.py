@@ -2,7 +2,6 @@
 gradients) and its hard-coded divisor option (the method's named terms: test_ifalnet_method.py)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import loss as losses
 from test_sync_free import SyncRecorder

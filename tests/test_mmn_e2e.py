@@ -44,7 +44,7 @@ def test_mmn_trains_and_tests_with_its_seven_labelled_rows(tmp_path_factory, tmp
     assert f"{labels['bn']}: Rank-1" in out           # the epoch is selected by the o-o BN row
     rows = [line.split("  ")[0] for line in test_out.splitlines()]
     assert [labels[mode] for mode in mmn.modes(dataset)] == [row for row in rows if row in labels.values()]
-    assert summary["model"]["method"] == "mmn" and summary["protocol"]["modes"] == list(mmn.modes(dataset))
+    assert summary["model"]["method"] == mmn.name and summary["protocol"]["modes"] == list(mmn.modes(dataset))
     assert set(summary["mean"]) >= set(mmn.modes(dataset))
 
 
@@ -67,7 +67,7 @@ def test_an_official_format_mmn_checkpoint_evaluates_through_test_py(tmp_path_fa
                              *CPU, "--output", str(output)]) == 0
     with open(output) as f:
         summary = json.load(f)
-    assert summary["model"]["source"] == "official checkpoint" and summary["model"]["method"] == "mmn"
+    assert summary["model"]["source"] == "official checkpoint" and summary["model"]["method"] == mmn.name
     assert list(summary["mean"]) == list(mmn.modes("regdb"))
 
 
