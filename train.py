@@ -355,9 +355,13 @@ def init_distributed(config, log):
         return 1, 0, utils.resolve_device(config["device"], config["gpu"], logger=log)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = utils.resolve_device(config["device"], local_rank, logger=log)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
+        # The rank's GPU first, and named to NCCL: its communicator is bound to that GPU at once, instead of
+        # each collective (barrier first) guessing the device from the current one.
         torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     return world_size, rank, device
 
 

@@ -3,8 +3,10 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT
-from test_train import SCRIPT_ENV, TINY
+from test_train import SCRIPT_ENV, TINY, train_script
 from tools import make_synthetic
 import utils
 
@@ -26,3 +28,22 @@ def test_two_process_gloo_training_only_rank0_writes(tmp_path):
     with open(tmp_path / "logs" / f"{suffix}.log") as f:
         log = f.read()
     assert log.count("Epoch 0:") == 1 and "[3 batches" in log
+
+
+def test_a_cuda_rank_binds_its_gpu_before_nccl_starts(monkeypatch):
+    """A test double for CUDA: the rank's GPU is made current first and named to NCCL (device_id), so the
+    communicator is bound to it; CPU ranks start gloo without a device."""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(utils, "resolve_device", lambda device, gpu, logger=None: torch.device(device, int(gpu)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(train_script.dist, "init_process_group",
+                        lambda backend, **kwargs: calls.append(("init", backend, kwargs)))
+    assert train_script.init_distributed({"device": "cuda", "gpu": "0"}, None) == (2, 1, torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", {"device_id": torch.device("cuda", 1)})]
+    calls.clear()
+    monkeypatch.setattr(utils, "resolve_device", lambda device, gpu, logger=None: torch.device("cpu"))
+    assert train_script.init_distributed({"device": "cpu", "gpu": "0"}, None) == (2, 1, torch.device("cpu"))
+    assert calls == [("init", "gloo", {})]
