@@ -129,6 +129,11 @@ def method_option_keys():
     return tuple(key for name in methods.names() for key in methods.get(name).train_options)
 
 
+def resume_locked_keys():
+    """What a resumed or overwritten run must share: RESUME_LOCKED and every method's own options."""
+    return RESUME_LOCKED + method_option_keys()
+
+
 def resolve_config(args, saved=None):
     """Effective config: explicit flag > resumed checkpoint > method default > common default.
 
@@ -137,7 +142,7 @@ def resolve_config(args, saved=None):
     given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
     if saved:
         clashes = [f"{k}={saved.get(k)!r} (checkpoint) vs {given[k]!r} (flag)"
-                   for k in RESUME_LOCKED + method_option_keys() if k in given and k in saved and _differs(given[k], saved[k])]
+                   for k in resume_locked_keys() if k in given and k in saved and _differs(given[k], saved[k])]
         if clashes:
             raise utils.ConfigError(f"cannot resume {args.resume}: it was trained with a different "
                                     f"configuration: {'; '.join(clashes)}")
@@ -697,7 +702,7 @@ def refuse_to_overwrite_another_run(last_path, config):
         return
     saved = utils.load_torch_file(last_path).get("config") or {}
     clashes = [f"{key}={saved.get(key)!r} there vs {config[key]!r} now"
-               for key in RESUME_LOCKED + method_option_keys() if _differs(config[key], saved.get(key))]
+               for key in resume_locked_keys() if _differs(config[key], saved.get(key))]
     if clashes:
         raise utils.ConfigError(f"{last_path} belongs to a run with another configuration ({'; '.join(clashes)}), "
                                 f"and this run would overwrite its checkpoints and log: choose another "
