@@ -161,11 +161,13 @@ def test_ranks_unknown_trial_is_one_line_error(tmp_path, capsys):
 
 
 def test_metric_exclusion_rules():
-    g_pids, g_cams = np.array([5, 5, 6, 5]), np.array([2, 1, 2, 3])
-    assert vis.excluded_gallery("sysu", 5, 3, g_pids, g_cams).tolist() == [True, False, True, False]
-    assert not vis.excluded_gallery("sysu", 5, 6, g_pids, g_cams).any()
-    assert vis.excluded_gallery("llcm", 5, 2, g_pids, g_cams).tolist() == [True, False, False, False]
-    assert not vis.excluded_gallery("regdb", 5, 2, g_pids, g_cams).any()
+    ranked_set = {"pids": np.array([5, 5, 6, 5]), "cams": np.array([2, 1, 2, 3])}
+    sysu = vis.kept_gallery("sysu", {"pids": np.array([5, 5]), "cams": np.array([3, 6])}, ranked_set)
+    assert (~sysu[0]).tolist() == [True, False, True, False]
+    assert not (~sysu[1]).any()
+    llcm = vis.kept_gallery("llcm", {"pids": np.array([5]), "cams": np.array([2])}, ranked_set)
+    assert (~llcm[0]).tolist() == [True, False, False, False]
+    assert not (~vis.kept_gallery("regdb", {"pids": np.array([5]), "cams": np.array([2])}, ranked_set)).any()
 
 
 def test_sysu_camera3_query_never_shows_camera2_gallery(tmp_path):
@@ -391,6 +393,13 @@ def test_rerank_cli_draws_before_and_after_rows(tmp_path, capsys):
         assert img.size == layout.canvas_size(6, 4)                  # two rows per query
     assert vis.main(["rerank", "--features", path, "--out", str(out), "--rerank", "fast"]) == 2
     assert capsys.readouterr().err.startswith("error: --rerank fast: expected a preset")
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    arrays["query_bn"][0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    assert vis.main(["rerank", "--features", str(tmp_path / "nan.npz"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: re-ranking needs finite features") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------ per-camera bar chart

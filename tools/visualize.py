@@ -29,8 +29,9 @@ from eval_metrics import removed_gallery  # noqa: E402  (needs the repo root on 
 from similarity import STANDARD_FUSIONS, similarity  # noqa: E402
 import json  # noqa: E402
 
-from evaluation import (LABEL_SIDE_KEYS, FeaturesFileError, feature_names, read_features_file,  # noqa: E402
-                        rerank_parameters, reranked_distance)
+from evaluation import (LABEL_SIDE_KEYS, FeaturesFileError, camera_label, feature_names,  # noqa: E402
+                        read_features_file, rerank_parameters, reranked_distance)
+from utils import ConfigError  # noqa: E402
 
 MATPLOTLIB_MISSING = "matplotlib is required for figures: pip install matplotlib"
 VISIBLE, INFRARED = 1, 2                      # modality codes used in the npz (query_modal / gallery_modal)
@@ -107,9 +108,9 @@ def _side(data, side):
 # --------------------------------------------------------------------------------------------------
 # Ranked lists
 # --------------------------------------------------------------------------------------------------
-def excluded_gallery(metric, q_pid, q_cam, g_pids, g_cams):
-    """Gallery entries the evaluation metric ignores for this query (REFERENCE 3.1-3.3)."""
-    return removed_gallery(metric, [q_pid], [q_cam], g_pids, g_cams)[0]
+def kept_gallery(metric, probes, ranked_set):
+    """[probes, ranked set] mask of the entries the evaluation metric keeps for each probe (REFERENCE 3.1-3.3)."""
+    return ~removed_gallery(metric, probes["pids"], probes["cams"], ranked_set["pids"], ranked_set["cams"])
 
 
 def rank_gallery(sim_row, excluded):
@@ -213,7 +214,7 @@ def ranked_rows(feats: SavedFeatures, mode, trial_pos, num_queries, top_k, seed,
     probes, ranked_set = feats.trial_sets(trial_pos)
     g_pids, g_cams = ranked_set["pids"], ranked_set["cams"]
     sim = similarity(probes, ranked_set, STANDARD_FUSIONS[mode])    # reads only the features it needs
-    keep = [~excluded_gallery(feats.metric, p, c, g_pids, g_cams) for p, c in zip(probes["pids"], probes["cams"])]
+    keep = kept_gallery(feats.metric, probes, ranked_set)
     rows = []
     for qi in pick_queries(probes["pids"], g_pids, keep, num_queries, seed):
         order = rank_gallery(sim[qi], ~keep[qi])
@@ -266,8 +267,7 @@ def rerank_moves(feats: SavedFeatures, mode, trial_pos, params):
     """(similarity before, minus the re-ranked distance after, kept masks, first-hit ranks before, after) of
     every probe of one trial."""
     probes, ranked_set = feats.trial_sets(trial_pos)
-    keep = np.array([~excluded_gallery(feats.metric, p, c, ranked_set["pids"], ranked_set["cams"])
-                     for p, c in zip(probes["pids"], probes["cams"])])
+    keep = kept_gallery(feats.metric, probes, ranked_set)
     fusion = STANDARD_FUSIONS[mode]
     before = similarity(probes, ranked_set, fusion)
     after = -reranked_distance(**params)(probes, ranked_set, fusion).astype(np.float64)
@@ -329,7 +329,7 @@ def camera_bars(results, mode, metric):
         cameras = by_camera["summary"][mode][side]["cameras"]
         if len(cameras) < 2:
             continue
-        bars.append((side, [(f"cam{cam}" + (" (low-light)" if int(cam) in low_light else ""),
+        bars.append((side, [(camera_label(int(cam), low_light),
                              r["mean"][metric], r["std"][metric], int(cam) in low_light)
                             for cam, r in sorted(cameras.items(), key=lambda item: int(item[0]))
                             if r["mean"][metric] is not None]))
@@ -590,7 +590,7 @@ def main(argv=None) -> int:
             return 2
     try:
         written = args.run(args)
-    except VisualizeError as exc:
+    except (VisualizeError, ConfigError) as exc:        # ConfigError: re-ranking refused the features
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:
