@@ -566,7 +566,15 @@ def checkpoint_state(run, epoch, metrics):
     return {"format": models.CHECKPOINT_FORMAT, "model": run.bare_net.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": epoch, "best_metric": run.best_metric,
-            "best_epoch": run.best_epoch, "rng": capture_rng_state(), "config": dict(run.config), "metrics": metrics}
+            "best_epoch": run.best_epoch, "rng": capture_rng_state(), "config": saved_config(run), "metrics": metrics}
+
+
+def saved_config(run):
+    """The config a checkpoint stores: --channels-last as asked, not as resolved for this run's device (its
+    default depends on the device), so that a run resumed on another device resolves it anew."""
+    if run.sources["channels_last"] == "default":
+        return dict(run.config, channels_last=None)
+    return dict(run.config)
 
 
 def due_for_evaluation(cfg, epoch):

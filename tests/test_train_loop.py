@@ -148,6 +148,17 @@ def test_the_run_sampler_needs_an_epoch_first():
         iter(sampler).__next__()
 
 
+def test_checkpoints_keep_channels_last_as_asked_so_another_device_resolves_it_anew(tmp_path_factory, tmp_path):
+    run = setup_regdb_run(tmp_path_factory, tmp_path)
+    assert run.config["channels_last"] is False                      # resolved for the CPU ...
+    saved = train_script.checkpoint_state(run, 0, {})["config"]
+    assert saved["channels_last"] is None and saved["method"] == "agw"    # ... but stored as the default
+    resumed, sources = train_script.resolve_config(train_script.build_parser().parse_args([]), saved)
+    assert resumed["channels_last"] is None and sources["channels_last"] == "default"
+    asked = setup_regdb_run(tmp_path_factory, tmp_path / "asked", "--channels-last")
+    assert train_script.checkpoint_state(asked, 0, {})["config"]["channels_last"] is True
+
+
 def test_channels_last_is_off_by_default_on_the_cpu_and_applies_to_weights_and_inputs(tmp_path_factory, tmp_path):
     assert setup_regdb_run(tmp_path_factory, tmp_path).config["channels_last"] is False
     run = setup_regdb_run(tmp_path_factory, tmp_path, "--channels-last")
