@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import loss as losses
+import model as models
 import resnet
 import similarity
 from data_loader import RGB
@@ -107,7 +108,7 @@ class Method:
 
     def classifier_key(self):
         """The state-dict key whose rows count an official checkpoint's classes (MMN: its first stripe's)."""
-        return getattr(self.network, "CLASSIFIER_KEY", "classifier.weight")
+        return models.classifier_key(self.network)
 
     def network_options(self, dataset, options):
         """Extra keyword arguments of the network for `dataset` and the `train_options` values `options`

@@ -593,6 +593,12 @@ def extract_features(model, loader, modal, device, *, flip=False, channels_last=
 HEAD_MODULES = ("bottleneck", "classifier")
 
 
+def classifier_key(network):
+    """The state-dict key whose rows count a network's classes (a network class or instance): its
+    CLASSIFIER_KEY (MMN: its first stripe's classifier), else classifier.weight."""
+    return getattr(network, "CLASSIFIER_KEY", "classifier.weight")
+
+
 def param_groups(model, lr, backbone_lr_mult=0.1):
     """SGD groups of REFERENCE 8.2: backbone (everything else) at backbone_lr_mult*lr, then one group at lr per
     head module (`HEAD_MODULES` of the network, default bottleneck and classifier), named after it.
@@ -683,9 +689,9 @@ def _check_state(net, state, fmt, source):
     if mismatched:
         shapes = [f"{k} checkpoint {list(state[k].shape)} vs model {list(ours[k].shape)}" for k in mismatched[:5]]
         problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(shapes)}")
-        if "classifier.weight" in mismatched:
-            problems.append(f"checkpoint has {state['classifier.weight'].shape[0]} classes, "
-                            f"model has {net.num_classes}")
+        classifier = classifier_key(net)
+        if classifier in mismatched:
+            problems.append(f"checkpoint has {state[classifier].shape[0]} classes, model has {net.num_classes}")
         if any(k.startswith("layerATT") for k in mismatched):
             problems.append("layerATT shapes follow the input size: build the model with the checkpoint's "
                             "img_h/img_w")

@@ -94,6 +94,12 @@ def test_a_bare_official_state_dict_loads_strictly_without_the_head_and_wrong_ke
         M.load_checkpoint(net, {"format": M.CHECKPOINT_FORMAT, "model": ours})
 
 
+def test_a_checkpoint_of_another_class_count_is_named_by_its_first_stripe_classifier():
+    trained = X.MMN(7, "resnet18", 64, 32).state_dict()
+    with pytest.raises(CheckpointError, match="checkpoint has 7 classes, model has 5"):
+        M.load_checkpoint(X.MMN(5, "resnet18", 64, 32), {"format": M.CHECKPOINT_FORMAT, "model": trained})
+
+
 def test_the_stripe_split_needs_a_layer4_height_divisible_by_four():
     X.MMN.check_input_size(384, 192)
     X.MMN.check_input_size(64, 32)
