@@ -97,6 +97,10 @@ def _removed(metric, q_pids, q_cams, g_pids, g_cams):
 _OWN_IDENTITY_ONLY_RULES = frozenset({"llcm"})
 
 
+class NoValidQueryError(ValueError):
+    """No query has a kept true match: the metrics are undefined (not 0)."""
+
+
 class _Removal:
     """removed(q_index, g_index) -> bool: whether gallery items are ignored for queries, for index
     arrays that broadcast together."""
@@ -174,7 +178,7 @@ class _Results:
         """(cmc float32 [max_rank], mAP, mINP) over the valid queries."""
         num_valid = int(self.valid.sum())
         if num_valid == 0:
-            raise ValueError("no valid query: no query identity appears among its kept gallery items")
+            raise NoValidQueryError("no valid query: no query identity appears among its kept gallery items")
         hits = np.bincount(np.minimum(self.hit_rank[self.valid], max_rank), minlength=max_rank + 1)
         cmc = np.cumsum(hits[:max_rank]).astype(np.float32) / np.float32(num_valid)
         return cmc, np.mean(self.ap[self.valid]), np.mean(self.inp[self.valid])
@@ -454,10 +458,8 @@ def evaluate_by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank
         labels = _metric_labels(metric, (q_pids[rows], q_cams[rows]), (g_pids[columns], g_cams[columns]))
         try:
             return _METRICS[metric](distmat[np.ix_(rows, columns)], *labels, max_rank=max_rank)
-        except ValueError as exc:
-            if "no valid query" in str(exc):
-                return None
-            raise
+        except NoValidQueryError:
+            return None
 
     if metric not in _METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_METRICS)}")

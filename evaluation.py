@@ -45,12 +45,20 @@ def evaluate(net, protocol, img_h, img_w, batch_size, workers, device, modes, *,
                                      ("gallery", protocol.gallery_paths, protocol.gallery_pids, protocol.gallery_modal)):
         sides[side] = extract(net, paths, pids, modal, img_h, img_w, batch_size, workers, device, flip=flip,
                               channels_last=channels_last, progress=progress)
-    for message in eval_metrics.non_finite_warnings(sides["query"], sides["gallery"]):
+    result = evaluate_features(sides["query"], sides["gallery"], protocol, modes, fusions=fusions, warn=warn,
+                               distance=distance, by_camera=by_camera)
+    return result, sides["query"], sides["gallery"]
+
+
+def evaluate_features(query, gallery, protocol, modes, *, fusions=similarity.STANDARD_FUSIONS, warn=None,
+                      distance=similarity.negative_similarity, by_camera=False):
+    """eval_metrics.evaluate_protocol of extracted or saved features; `warn(line)` receives one line per side
+    whose features are not finite."""
+    for message in eval_metrics.non_finite_warnings(query, gallery):
         if warn is not None:
             warn(message)
-    result = eval_metrics.evaluate_protocol(sides["query"], sides["gallery"], protocol, modes=modes,
-                                            fusions=fusions, distance=distance, by_camera=by_camera)
-    return result, sides["query"], sides["gallery"]
+    return eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes, fusions=fusions, distance=distance,
+                                          by_camera=by_camera)
 
 
 def reranked_distance(k1, k2, lambda_value):
@@ -61,11 +69,12 @@ def reranked_distance(k1, k2, lambda_value):
     distances into float32 anyway, and its three input matrices are then half the size (at the LLCM size
     7,000 + 3,500 items: 340 MB instead of 690 MB)."""
     def distance(row_feats, column_feats, fusion):
-        if fusion.embedding_weights() is None:
+        weights = fusion.embedding_weights()
+        if weights is None:
             raise utils.ConfigError("re-ranking needs one feature per image that ranks like the similarity, and "
                                     "this mode has none (cross-feature, min or max terms): choose another --modes")
-        rows, columns = (similarity.embedding({key: np.asarray(feats[key], dtype=np.float32)
-                                               for key in fusion.embedding_weights()}, fusion)
+        rows, columns = (similarity.embedding({key: np.asarray(feats[key], dtype=np.float32) for key in weights},
+                                              fusion)
                          for feats in (row_feats, column_feats))
         if not (np.isfinite(rows).all() and np.isfinite(columns).all()):
             raise utils.ConfigError("re-ranking needs finite features, and some are not (see the warning above): "

@@ -23,7 +23,6 @@ import sys
 import numpy as np
 
 import data_manager
-import eval_metrics
 import evaluation
 import methods
 import model as models
@@ -357,11 +356,8 @@ def feature_evaluations(args, log, loaded, distance):
         log.info(f"{protocol.name}: features {path} (saved from {', '.join(options['checkpoint'].values())})")
         method = methods.get(options["model"]["method"])
         modes = method.check_modes(args.modes or method.modes(args.dataset))
-        for message in eval_metrics.non_finite_warnings(query, gallery):
-            log.warning(message)
-        result = eval_metrics.evaluate_protocol(query, gallery, protocol, modes=modes,
-                                                fusions=method.similarity_modes(), distance=distance,
-                                                by_camera=args.by_camera)
+        result = evaluation.evaluate_features(query, gallery, protocol, modes, fusions=method.similarity_modes(),
+                                              warn=log.warning, distance=distance, by_camera=args.by_camera)
         (key, checkpoint), = options["checkpoint"].items()
         yield protocol, result, options["model"], key, checkpoint, modes
 
