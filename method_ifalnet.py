@@ -26,22 +26,11 @@ from utils import ConfigError
 TCA_WEIGHT = 0.7
 TCA_MARGIN = 0.7
 TCA_DIVISORS = ("identities", "official")      # --tca-divisor: loss.TcaLoss(official_divisor=False / True)
-# Query feature and gallery feature of the four cross-stem cosine matrices, o = original stem, m = M-image stem.
-STEM_PAIRS = {"om": ("", "_m"), "mo": ("_m", ""), "mm": ("_m", "_m")}
-
-
-def _cross_stem(feature, pairs):
-    """Fusion terms (query feature, gallery feature, 1) of `feature` ("pool" or "bn") over the stem pairs."""
-    return tuple((feature + query, feature + gallery, 1.0) for query, gallery in pairs)
-
-
-ALL_PAIRS = (("", ""),) + tuple(STEM_PAIRS.values())
-FUSIONS = {f"bn_{pair}": Fusion(_cross_stem("bn", (stems,))) for pair, stems in STEM_PAIRS.items()}
-FUSIONS.update({"bn_sum": Fusion(_cross_stem("bn", ALL_PAIRS)), "pool_sum": Fusion(_cross_stem("pool", ALL_PAIRS)),
-                "all": Fusion(_cross_stem("pool", ALL_PAIRS) + _cross_stem("bn", ALL_PAIRS)),
-                # The official LLCM test's ALL: its (hard-coded, swapped) branch fills all four pool matrices with
-                # pool(o,o) (METHODS.md 2.6 bug 2). Kept to compare with its published LLCM numbers, never default.
-                "all_llcm": Fusion((("pool", "pool", 4.0),) + _cross_stem("bn", ALL_PAIRS))})
+FUSIONS = {**mm.CROSS_STEM_FUSIONS, "pool_sum": Fusion(mm.cross_stem_terms("pool")),
+           "all": Fusion(mm.cross_stem_terms("pool") + mm.cross_stem_terms("bn")),
+           # The official LLCM test's ALL: its (hard-coded, swapped) branch fills all four pool matrices with
+           # pool(o,o) (METHODS.md 2.6 bug 2). Kept to compare with its published LLCM numbers, never default.
+           "all_llcm": Fusion((("pool", "pool", 4.0),) + mm.cross_stem_terms("bn"))}
 
 
 class IFALNetLoss:

@@ -21,12 +21,10 @@ from utils import ConfigError
 
 DCL_WEIGHT = 0.2        # train.py --delta
 DCL_HEAD_CHOICES = ("trained", "official")
-# The four query-gallery BN pairs of test.py: o-o (its first, "FC" row), o-m, m-o, m-m (query first).
-BN_PAIRS = {"bn": ("bn", "bn"), "bn_om": ("bn", "bn_m"), "bn_mo": ("bn_m", "bn"), "bn_mm": ("bn_m", "bn_m")}
-ALL_PAIRS = tuple((query, gallery, 1.0) for query, gallery in BN_PAIRS.values())
-# test.py's seven BN rows, in its order: the four pairs, then their sum, element-wise min and max.
-FUSIONS = {**{name: Fusion(((query, gallery, 1.0),)) for name, (query, gallery) in BN_PAIRS.items()},
-           "bn_sum": Fusion(ALL_PAIRS), "bn_min": Fusion(ALL_PAIRS, "min"), "bn_max": Fusion(ALL_PAIRS, "max")}
+# test.py's seven BN rows after "bn" (o-o, its first, "FC" row): o-m, m-o, m-m, their sum, element-wise min
+# and max.
+FUSIONS = {**mm.CROSS_STEM_FUSIONS, "bn_min": Fusion(mm.cross_stem_terms("bn"), "min"),
+           "bn_max": Fusion(mm.cross_stem_terms("bn"), "max")}
 
 
 class MMNLoss:
@@ -70,7 +68,7 @@ class MMNMethod(Method):
     mode_names = {"bn": "bn o-o (FC)", "bn_om": "bn o-m", "bn_mo": "bn m-o", "bn_mm": "bn m-m",
                   "bn_sum": "bn sum of 4", "bn_min": "bn min of 4", "bn_max": "bn max of 4"}
     # All seven rows everywhere: the README does not say which one it published.
-    report_modes = dict.fromkeys(("sysu", "regdb", "llcm"), tuple(FUSIONS))
+    report_modes = dict.fromkeys(("sysu", "regdb", "llcm"), ("bn", *FUSIONS))
     selection_mode = "bn"        # train.py keeps the epoch of the best o-o BN Rank-1
 
     def view_transforms(self, img_h, img_w):

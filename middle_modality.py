@@ -10,11 +10,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ModalityStem, Trunk, _backbone_parts
+from similarity import Fusion
 
 # The official generators initialise every 1x1 convolution to this constant weight and a zero bias.
 GENERATOR_INIT_WEIGHT = 0.333
 # Row blocks of the training batch, in order.
 BLOCKS = ("vis", "middle_vis", "ir", "middle_ir")
+# Test features: "pool" and "bn" of the image itself (o), "pool_m" and "bn_m" of its middle-modality image (m).
+# The four query-gallery stem pairs, as feature-name suffixes (query first): o-o, o-m, m-o, m-m.
+STEM_PAIRS = {"oo": ("", ""), "om": ("", "_m"), "mo": ("_m", ""), "mm": ("_m", "_m")}
+
+
+def cross_stem_terms(feature, pairs=tuple(STEM_PAIRS)):
+    """Fusion terms (query feature, gallery feature, 1) of `feature` ("pool" or "bn") over the named stem pairs."""
+    return tuple((feature + STEM_PAIRS[pair][0], feature + STEM_PAIRS[pair][1], 1.0) for pair in pairs)
+
+
+# The BN rows both official test scripts print beside the standard "bn" (o-o): the three cross pairs and the
+# sum of all four matrices.
+CROSS_STEM_FUSIONS = {**{f"bn_{pair}": Fusion(cross_stem_terms("bn", (pair,))) for pair in ("om", "mo", "mm")},
+                      "bn_sum": Fusion(cross_stem_terms("bn"))}
 
 
 def add_backbone(net, arch, pretrained):
