@@ -4,6 +4,7 @@ Imports nothing of ours (see the floor rules in DEVELOPERS.md / the team contrac
 """
 import argparse
 import bisect
+import functools
 import json
 import logging
 import logging.handlers
@@ -492,19 +493,9 @@ def warmup_then_decade_steps(epoch, milestones) -> float:
     return (1.0, 0.1, 0.01, 0.001)[bisect.bisect_right(list(milestones), epoch)]   # literals, as the originals
 
 
-def agw_lr_factor(epoch) -> float:
-    return warmup_then_decade_steps(epoch, FIXED_LR_MILESTONES["agw"])
-
-
-def deen_lr_factor(epoch) -> float:
-    return warmup_then_decade_steps(epoch, FIXED_LR_MILESTONES["deen"])
-
-
-def ifalnet_lr_factor(epoch) -> float:
-    return warmup_then_decade_steps(epoch, FIXED_LR_MILESTONES["ifalnet"])
-
-
-FIXED_LR_SCHEDULES = {"agw": agw_lr_factor, "deen": deen_lr_factor, "ifalnet": ifalnet_lr_factor}
+# epoch -> factor of each fixed schedule (partials pickle plainly into the scheduler's state).
+FIXED_LR_SCHEDULES = {name: functools.partial(warmup_then_decade_steps, milestones=milestones)
+                      for name, milestones in FIXED_LR_MILESTONES.items()}
 
 
 def make_lr_scheduler(optimizer, factor_fn) -> torch.optim.lr_scheduler.LambdaLR:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from utils import (CheckpointError, ConfigError, agw_lr_factor, format_table,
+from utils import (FIXED_LR_SCHEDULES, CheckpointError, ConfigError, format_table,
                    load_torch_file, lr_factor, make_lr_scheduler, resolve_device, save_checkpoint_atomic,
                    save_json_atomic, set_seed, setup_logger, str2bool)
 
@@ -283,7 +283,7 @@ def test_lr_factor_custom_milestones_and_unknown_mode():
 
 
 def test_agw_schedule():
-    assert [agw_lr_factor(e) for e in (0, 4, 9, 10, 19, 20, 49, 50, 99)] == pytest.approx(
+    assert [FIXED_LR_SCHEDULES["agw"](e) for e in (0, 4, 9, 10, 19, 20, 49, 50, 99)] == pytest.approx(
         [0.1, 0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
