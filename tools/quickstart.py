@@ -23,12 +23,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import train  # noqa: E402
 import utils  # noqa: E402
 
-# Per method: input size and epochs. Both train from scratch with 6 identities x 4 images per batch, lr 0.1
-# (backbone 0.01, the official 0.1x: at 1x, lr 0.1 and no warmup IRL collapsed to chance), no warmup, and the
-# LR drops x0.1 for the last epoch.
+# Per method: input size and epochs. Both train from scratch with BATCH identities x NUM_POS images per batch,
+# lr 0.1 (the recipes'; backbone 0.01, the official 0.1x: at 1x, lr 0.1 and no warmup IRL collapsed to chance),
+# no warmup, and the LR drops x0.1 for the last epoch.
 SETTINGS = {"agw": dict(img_h=96, img_w=48, epochs=7), "irl": dict(img_h=128, img_w=64, epochs=7)}
+BATCH, NUM_POS = 6, 4
 
 
 def run_step(title, args):
@@ -77,11 +79,14 @@ def main(argv=None):
     run_step(f"3/4 train {args.method.upper()} (resnet18, {img_h}x{img_w}, CPU {amp_name}, no ImageNet weights)",
              ["train.py", "--dataset", "sysu", "--data-path", data_path, "--method", args.method,
               "--arch", "resnet18", "--img_h", str(img_h), "--img_w", str(img_w), "--no-pretrained",
-              "--device", "cpu", amp_flag, "--epochs", str(epochs), "--batch-size", "6", "--num_pos", "4",
+              "--device", "cpu", amp_flag, "--epochs", str(epochs), "--batch-size", str(BATCH), "--num_pos", str(NUM_POS),
               "--lr_scheduler", "step", "--warmup-epochs", "0", "--milestones", str(max(epochs - 1, 1)),
               "--eval-every", str(epochs), "--log-every", "10", "--workers", workers, "--seed", str(args.seed),
               "--model_path", model_path, "--log_path", os.path.join(out, "logs")])
-    checkpoint = os.path.join(model_path, f"sysu_{args.method}_p4_n6_lr_0.1_seed_{args.seed}_last.pth")
+    config, _ = train.resolve_config(train.build_parser().parse_args(
+        ["--dataset", "sysu", "--method", args.method, "--batch-size", str(BATCH), "--num_pos", str(NUM_POS),
+         "--seed", str(args.seed)]))
+    checkpoint = os.path.join(model_path, f"{train.run_suffix(config)}_last.pth")   # the name train.py gives it
     results = os.path.join(out, f"results_sysu_all_{args.method}.json")
     run_step("4/4 SYSU-MM01 all-search protocol, 10 trials",
              ["test.py", "--dataset", "sysu", "--mode", "all", "--data-path", data_path,
