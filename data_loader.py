@@ -182,6 +182,13 @@ def pad_crop_flip(img_h, img_w):
     return [T.Pad(10), T.RandomCrop((img_h, img_w)), T.RandomHorizontalFlip()]
 
 
+def caj_chain(img_h, img_w, *tail):
+    """ICCV21_CAJ's per-view chain (METHODS.md 6.2), also IFALNet's (2.4): pad, crop, flip, normalise, channel
+    erasing, then the view's own channel transforms `tail`."""
+    return T.Compose([T.ToPILImage(), *pad_crop_flip(img_h, img_w), *to_normalized_tensor(),
+                      ChannelRandomErasing(p=0.5), *tail])
+
+
 def build_test_transform(img_h, img_w):
     """ToPIL -> Resize((H, W)) (a no-op on pre-resized images, REFERENCE 1.5) -> ToTensor -> Normalize."""
     return T.Compose([T.ToPILImage(), T.Resize((img_h, img_w)), *to_normalized_tensor()])

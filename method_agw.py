@@ -40,10 +40,8 @@ class CAJMethod(AGWMethod):
 
     def view_transforms(self, img_h, img_w):
         """ICCV21_CAJ data_loader.py's transform_color, transform_color1, transform_thermal (METHODS.md 6.2)."""
-        def chain(*tail):
-            return T.Compose([T.ToPILImage(), *dl.pad_crop_flip(img_h, img_w), *dl.to_normalized_tensor(),
-                              dl.ChannelRandomErasing(p=0.5), *tail])
-        return chain(), chain(dl.ChannelExchange(gray=2)), chain(dl.ChannelAdapGrayCAJ(p=0.5))
+        return (dl.caj_chain(img_h, img_w), dl.caj_chain(img_h, img_w, dl.ChannelExchange(gray=2)),
+                dl.caj_chain(img_h, img_w, dl.ChannelAdapGrayCAJ(p=0.5)))
 
     def network_inputs(self, views):
         """Both visible views go through the visible stem as one batch, as train_ext.py's

@@ -12,7 +12,6 @@ matrices (computed by the official test, never printed) these are the eight mode
 say which line gave its numbers; ALL is the most likely (it selects the best epoch) [inferred, METHODS.md 2.6].
 """
 import torch.nn as nn
-import torchvision.transforms as T
 
 import data_loader as dl
 import loss as losses
@@ -75,10 +74,8 @@ class IFALNetMethod(Method):
 
     def view_transforms(self, img_h, img_w):
         """IFALNet build_transforms.py's color1, color2, thermal1, thermal2 (CAJ's chains, METHODS.md 2.4)."""
-        def chain(*tail):
-            return T.Compose([T.ToPILImage(), *dl.pad_crop_flip(img_h, img_w), *dl.to_normalized_tensor(),
-                              dl.ChannelRandomErasing(p=0.5), *tail])
-        return chain(), chain(dl.ChannelExchange(gray=2)), chain(), chain(dl.ChannelAdapGrayCAJ(p=0.5))
+        return (dl.caj_chain(img_h, img_w), dl.caj_chain(img_h, img_w, dl.ChannelExchange(gray=2)),
+                dl.caj_chain(img_h, img_w), dl.caj_chain(img_h, img_w, dl.ChannelAdapGrayCAJ(p=0.5)))
 
     def build_criterion(self, config):
         if config["loss_tri"] != "OriTriplet":

@@ -86,7 +86,6 @@ class MMN(nn.Module):
             self.add_module(f"bn{s}", nn.BatchNorm2d(1))
         self.decode = mm.constant_conv(1, 3)
         self.add_module(HEAD_PREFIX, losses.DCLoss(self.feat_dim, DCL_DIM))
-        self.train_dcl_head = train_dcl_head
         getattr(self, HEAD_PREFIX).requires_grad_(train_dcl_head)
 
     # -- checkpoints ----------------------------------------------------------------------------------
