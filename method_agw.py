@@ -22,7 +22,7 @@ class AGWMethod(Method):
     defaults = dict(img_h=288, img_w=144, batch_size=8, num_pos=4, lr=0.1, epochs=81, loss_tri="WRT",
                     margin=0.3, lr_scheduler="agw", warmup_epochs=10, milestones=[20, 50], eval_every=2, amp=False)
 
-    def view_transforms(self, img_h, img_w):
+    def view_transforms(self, img_h, img_w, dataset=None):
         """The root AGW repository's chain (REFERENCE 5.3), the same for both modalities."""
         transform = T.Compose([T.ToPILImage(), *dl.pad_crop_flip(img_h, img_w), *dl.to_normalized_tensor()])
         return transform, transform
@@ -38,7 +38,7 @@ class CAJMethod(AGWMethod):
     # train_ext.py: the AGW recipe with 100 epochs and the ADP triplet (METHODS.md 6.4, 7.1).
     defaults = dict(AGWMethod.defaults, epochs=100, loss_tri="ADP")
 
-    def view_transforms(self, img_h, img_w):
+    def view_transforms(self, img_h, img_w, dataset=None):
         """ICCV21_CAJ data_loader.py's transform_color, transform_color1, transform_thermal (METHODS.md 6.2)."""
         return (dl.caj_chain(img_h, img_w), dl.caj_chain(img_h, img_w, dl.ChannelExchange(gray=2)),
                 dl.caj_chain(img_h, img_w, dl.ChannelAdapGrayCAJ(p=0.5)))

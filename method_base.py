@@ -61,17 +61,17 @@ class Method:
     # default is in `defaults`, and the value reaches `network_options` (MMN's --dcl-head).
     train_options = {}
 
-    def view_transforms(self, img_h, img_w):
-        """One transform per view (uint8 HxWx3 array -> normalised tensor), in `view_modalities` order."""
+    def view_transforms(self, img_h, img_w, dataset=None):
+        """One transform per view (uint8 HxWx3 array -> normalised tensor), in `view_modalities` order.
+        `dataset` matters only to methods whose augmentation depends on it (DEEN's erasing area)."""
         raise NotImplementedError
 
     # -- data -----------------------------------------------------------------------------------------
 
     def train_views(self, img_h, img_w, dataset=None):
-        """((modality, transform), ...): what the training dataset returns for each item, in order.
-        `dataset` matters only to methods whose augmentation depends on it (DEEN's erasing area)."""
+        """((modality, transform), ...): what the training dataset returns for each item, in order."""
         self.check_input_size(img_h, img_w)
-        return self.paired_views(self.view_transforms(img_h, img_w))
+        return self.paired_views(self.view_transforms(img_h, img_w, dataset))
 
     def paired_views(self, transforms):
         """Each transform with the modality of its view; ConfigError unless there is one per view."""

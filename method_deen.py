@@ -69,10 +69,6 @@ class DEENMethod(Method):
                                dl.ChannelRandomErasing(p=0.5, sl=low, sh=high, r1=0.3, fill=dl.IMAGENET_MEAN)])
         return transform, transform
 
-    def train_views(self, img_h, img_w, dataset=None):
-        self.check_input_size(img_h, img_w)
-        return self.paired_views(self.view_transforms(img_h, img_w, dataset))
-
     def network_options(self, dataset, options):
         return {"layer3_variant": dataset in model_deen.LAYER3_DATASETS}
 

@@ -72,7 +72,7 @@ class IFALNetMethod(Method):
                     for dataset in ("sysu", "regdb", "llcm")}
     selection_mode = "all"
 
-    def view_transforms(self, img_h, img_w):
+    def view_transforms(self, img_h, img_w, dataset=None):
         """IFALNet build_transforms.py's color1, color2, thermal1, thermal2 (CAJ's chains, METHODS.md 2.4)."""
         return (dl.caj_chain(img_h, img_w), dl.caj_chain(img_h, img_w, dl.ChannelExchange(gray=2)),
                 dl.caj_chain(img_h, img_w), dl.caj_chain(img_h, img_w, dl.ChannelAdapGrayCAJ(p=0.5)))

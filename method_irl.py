@@ -21,7 +21,7 @@ class IRLMethod(Method):
                     margin=0.7, lr_scheduler="step", warmup_epochs=10, milestones=[25, 90, 120], eval_every=1,
                     amp="cuda")
 
-    def view_transforms(self, img_h, img_w):
+    def view_transforms(self, img_h, img_w, dataset=None):
         """(T_rgb1, T_rgb2, T_ir1, T_ir2) of REFERENCE 5.2, in the official order of their random draws."""
         geometry = dl.pad_crop_flip(img_h, img_w)
         tensor = dl.to_normalized_tensor()

@@ -71,7 +71,7 @@ class MMNMethod(Method):
     report_modes = dict.fromkeys(("sysu", "regdb", "llcm"), ("bn", *FUSIONS))
     selection_mode = "bn"        # train.py keeps the epoch of the best o-o BN Rank-1
 
-    def view_transforms(self, img_h, img_w):
+    def view_transforms(self, img_h, img_w, dataset=None):
         """train.py's transform_train for both modalities: its RandomErasing fills with 0 (the draws are
         ChannelRandomErasing's)."""
         transform = T.Compose([T.ToPILImage(), *dl.pad_crop_flip(img_h, img_w), *dl.to_normalized_tensor(),

@@ -241,7 +241,7 @@ class ToyMethod(method_agw.AGWMethod):
     title = "toy (test only)"
     defaults = dict(method_agw.AGWMethod.defaults, loss_tri="OriTriplet")
 
-    def view_transforms(self, img_h, img_w):
+    def view_transforms(self, img_h, img_w, dataset=None):
         transform = T.Compose([T.ToPILImage(), T.Resize((img_h, img_w)), *data_loader.to_normalized_tensor()])
         return transform, transform
 
