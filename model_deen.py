@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import loss as losses
-from model import ModalityStem, Trunk, _backbone_parts, l2_normalize
+from model import ModalityStem, Trunk, _backbone_parts, at_least_float32, l2_normalize
 from utils import ConfigError
 
 DEE_DROPOUT = 0.01
@@ -220,7 +220,7 @@ class DEEN(nn.Module):
         else:
             x = self.MFA3(base.layer3(x), x)
             x = base.layer4(self.DEE(x))
-        pool = x.to(torch.promote_types(x.dtype, torch.float32)).mean((2, 3))    # float32 under autocast
+        pool = at_least_float32(x).mean((2, 3))    # float32 under autocast
         feat = self.bottleneck(pool)
         if self.training:
             return pool, self.classifier(feat), losses.ort_loss(pool)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import middle_modality as mm
-from model import ChannelAttention, SpatialAttention, flip_average, l2_normalize
+from model import ChannelAttention, SpatialAttention, at_least_float32, flip_average, l2_normalize
 from utils import ConfigError
 
 SE_REDUCTION = 16
@@ -247,7 +247,7 @@ class IFALNet(nn.Module):
             x_1, x_2, residuals = mia(*chunk_feature(layer(x), four_blocks), residuals)
             x = concat_feature(x_1, x_2, four_blocks)
         x = base.layer4(self.MFA(x))
-        pool = x.to(torch.promote_types(x.dtype, torch.float32)).mean((2, 3))    # float32 under autocast
+        pool = at_least_float32(x).mean((2, 3))    # float32 under autocast
         feat = self.bottleneck(pool)
         if self.training:
             return pool, self.classifier(feat)
