@@ -82,6 +82,16 @@ def _class_means(onehot, x):
     return (onehot.t() @ x) / counts.clamp(min=1)[:, None], counts
 
 
+def _negative_center_hinge(x, onehot, margin):
+    """Per row i: mean over the rows j of other identities of max(0, margin - comp_dist(x_i, c(y_j))), c the
+    identity centres over all rows (QCT's d_an, TCA's negative term); 0 for a row without another identity.
+    A mean over negative *rows* is the count-weighted mean over negative classes."""
+    centers, counts = _class_means(onehot, x)
+    hinge = F.relu(margin - comp_dist(x, centers))        # [rows, classes]: row i vs every class centre
+    neg_weight = counts[None, :] * (1 - onehot)
+    return (hinge * neg_weight).sum(1) / neg_weight.sum(1).clamp(min=1)
+
+
 def _same_label(labels):
     return labels[:, None] == labels[None, :]
 
@@ -281,11 +291,7 @@ class QuarCenterTripletLoss(nn.Module):
             partner = torch.cat([ir_centers[inverse[:half]], rgb_centers[inverse[half:]]])
             dist_pc = _row_norm(x - partner)
 
-            centers, counts = _class_means(onehot, x)
-            hinge = F.relu(self.margin - comp_dist(x, centers))   # [n, K]: row i vs every class centre
-            # Mean over negative *rows* j == count-weighted mean over negative classes.
-            neg_weight = counts[None, :] * (1 - onehot)
-            dist_an = (hinge * neg_weight).sum(1) / neg_weight.sum(1).clamp(min=1)
+            dist_an = _negative_center_hinge(x, onehot, self.margin)
             return (dist_pc.mean() + dist_an.mean()) / 2
 
 
@@ -364,15 +370,11 @@ class TcaLoss(nn.Module):
         with _no_autocast(x):
             x = _full_precision(x)
             onehot, _ = _one_hot_labels(labels, x.dtype)      # [rows, classes]; no host synchronisation
-            member = onehot.t()
-            counts = member.sum(1)
-            present = counts > 0
-            block_members = member.chunk(4, 1)
-            block_counts = torch.stack([m.sum(1) for m in block_members])
-            _require(((block_counts > 0) == present).all(),
+            present = onehot.sum(0) > 0
+            (c1, c2, c3, c4), block_counts = zip(*(_class_means(block_onehot, block)
+                                                   for block_onehot, block in zip(onehot.chunk(4, 0), x.chunk(4, 0))))
+            _require(((torch.stack(block_counts) > 0) == present).all(),
                      "TcaLoss: every identity must have rows in all four blocks [VIS, M-VIS, IR, M-IR]")
-            c1, c2, c3, c4 = ((m @ block) / n[:, None].clamp(min=1)
-                              for m, block, n in zip(block_members, x.chunk(4, 0), block_counts))
 
             def mixture_distance(a, b, c, d):
                 return comp_dist((a + b) / 2, (c + d) / 2).diagonal()
@@ -381,10 +383,7 @@ class TcaLoss(nn.Module):
                                     mixture_distance(c1, c4, c2, c3))).amax(0)
             positive = torch.where(present, positive, 0).sum()
             positive = positive / (self.OFFICIAL_DIVISOR if self.official_divisor else present.sum())
-            hinge = F.relu(self.margin - comp_dist(x, (member @ x) / counts[:, None].clamp(min=1)))  # [rows, classes]
-            other_rows = (1 - onehot) * counts[None, :]
-            negative = (hinge * other_rows).sum(1) / other_rows.sum(1).clamp(min=1)
-            return positive + negative.mean()
+            return positive + _negative_center_hinge(x, onehot, self.margin).mean()
 
 
 def ort_loss(pool):
