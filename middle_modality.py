@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModalityStem, Trunk, _backbone_parts
 from similarity import Fusion
 
 # The official generators initialise every 1x1 convolution to this constant weight and a zero bias.
@@ -30,37 +29,6 @@ def cross_stem_terms(feature, pairs=tuple(STEM_PAIRS)):
 # sum of all four matrices.
 CROSS_STEM_FUSIONS = {**{f"bn_{pair}": Fusion(cross_stem_terms("bn", (pair,))) for pair in ("om", "mo", "mm")},
                       "bn_sum": Fusion(cross_stem_terms("bn"))}
-
-
-def add_backbone(net, arch, pretrained):
-    """Give `net` its modality stems (`net.STEMS`, official wrappers holding a ResNet stem) and the shared trunk
-    `base_resnet` (layer1..4), in that registration order; returns the trunk's stage channels."""
-    stems, trunk = _backbone_parts(arch, len(net.STEMS), pretrained)
-    net._official_trunk_keys = list(trunk.state_dict())
-    for (name, attr), stem in zip(net.STEMS, stems):
-        net.add_module(name, ModalityStem(attr, stem))
-    net.base_resnet = Trunk(trunk)
-    return trunk.stage_channels
-
-
-def backbone_unused_keys(net):
-    """The official keys of a network built by `add_backbone` that it does not hold: each stem's layer1..4 (the
-    official stems are whole ResNets) and the trunk's conv1/bn1."""
-    stem_keys = list(getattr(net, net.STEMS[0][0]).state_dict())
-    unused = {f"{name}.{attr}.{k}" for name, attr in net.STEMS for k in net._official_trunk_keys}
-    return unused | {f"base_resnet.base.{k.split('.', 1)[1]}" for k in stem_keys}
-
-
-def bn_neck(feat_dim, num_classes):
-    """(bottleneck, classifier) as the official heads: BatchNorm1d with weight N(1, 0.01) and a bias frozen at 0,
-    and a bias-free Linear with weight N(0, 0.001)."""
-    bottleneck = nn.BatchNorm1d(feat_dim)
-    bottleneck.bias.requires_grad_(False)
-    nn.init.normal_(bottleneck.weight, 1.0, 0.01)
-    nn.init.zeros_(bottleneck.bias)
-    classifier = nn.Linear(feat_dim, num_classes, bias=False)
-    nn.init.normal_(classifier.weight, 0.0, 0.001)
-    return bottleneck, classifier
 
 
 def constant_conv(in_channels, out_channels):

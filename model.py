@@ -266,6 +266,37 @@ class Trunk(nn.Module):
         self.base = base
 
 
+def add_backbone(net, arch, pretrained):
+    """Give `net` its modality stems (`net.STEMS`, official wrappers holding a ResNet stem) and the shared trunk
+    `base_resnet` (layer1..4), in that registration order; returns the trunk's stage channels."""
+    stems, trunk = _backbone_parts(arch, len(net.STEMS), pretrained)
+    net._official_trunk_keys = list(trunk.state_dict())
+    for (name, attr), stem in zip(net.STEMS, stems):
+        net.add_module(name, ModalityStem(attr, stem))
+    net.base_resnet = Trunk(trunk)
+    return trunk.stage_channels
+
+
+def backbone_unused_keys(net):
+    """The official keys of a network built by `add_backbone` that it does not hold: each stem's layer1..4 (the
+    official stems are whole ResNets) and the trunk's conv1/bn1."""
+    stem_keys = list(getattr(net, net.STEMS[0][0]).state_dict())
+    unused = {f"{name}.{attr}.{k}" for name, attr in net.STEMS for k in net._official_trunk_keys}
+    return unused | {f"base_resnet.base.{k.split('.', 1)[1]}" for k in stem_keys}
+
+
+def bn_neck(feat_dim, num_classes):
+    """(bottleneck, classifier) as the official heads: BatchNorm1d with weight N(1, 0.01) and a bias frozen at 0,
+    and a bias-free Linear with weight N(0, 0.001)."""
+    bottleneck = nn.BatchNorm1d(feat_dim)
+    bottleneck.bias.requires_grad_(False)
+    nn.init.normal_(bottleneck.weight, 1.0, 0.01)
+    nn.init.zeros_(bottleneck.bias)
+    classifier = nn.Linear(feat_dim, num_classes, bias=False)
+    nn.init.normal_(classifier.weight, 0.0, 0.001)
+    return bottleneck, classifier
+
+
 def gem_pool(x, p=GEM_P):
     """Generalised-mean pooling over the spatial positions, no clamp (inputs are >= 0 after ReLU)."""
     return (x.flatten(2).pow(p).mean(-1) + 1e-12).pow(1.0 / p)
@@ -353,21 +384,14 @@ class CrossModalNet(nn.Module):
     def __init__(self, num_classes, arch, img_h, img_w, pretrained, nl_inter):
         super().__init__()
         self.num_classes, self.arch, self.img_h, self.img_w = num_classes, arch, img_h, img_w
-        stems, trunk = _backbone_parts(arch, len(self.STEMS), pretrained)
-        for (name, attr), stem in zip(self.STEMS, stems):
-            self.add_module(name, ModalityStem(attr, stem))
-        self.base_resnet = Trunk(trunk)
-        c2, c3 = trunk.stage_channels[2], trunk.stage_channels[3]
+        channels = add_backbone(self, arch, pretrained)
+        trunk = self.base_resnet.base
+        c2, c3 = channels[2], channels[3]
         n2, n3 = (min(k, len(layer)) for k, layer in zip(OFFICIAL_NON_LOCAL_COUNTS, (trunk.layer2, trunk.layer3)))
         self.NL_2 = nn.ModuleList([Non_local(c2, nl_inter(c2)) for _ in range(n2)])
         self.NL_3 = nn.ModuleList([Non_local(c3, nl_inter(c3)) for _ in range(n3)])
-        self.feat_dim = trunk.stage_channels[4]
-        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
-        self.bottleneck.bias.requires_grad_(False)      # BNNeck: bias frozen at 0
-        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
-        nn.init.zeros_(self.bottleneck.bias)
-        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+        self.feat_dim = channels[4]
+        self.bottleneck, self.classifier = bn_neck(self.feat_dim, num_classes)
 
     def set_grad_checkpointing(self, enabled=True):
         """Activation checkpointing in training: each stem, bottleneck, Non_local (and IRL's LPA, layerATT,
@@ -427,11 +451,7 @@ class CrossModalNet(nn.Module):
 
     def official_unused_keys(self):
         """Keys an official checkpoint holds that this model does not use (REFERENCE 6.2), derived by rule."""
-        trunk_keys = list(self.base_resnet.base.state_dict())
-        stem_keys = list(self.visible_module.visible.state_dict())
-        unused = {f"{name}.{attr}.{k}" for name, attr in self.STEMS for k in trunk_keys}
-        unused |= {f"base_resnet.base.{k}" for k in stem_keys}
-        return unused
+        return backbone_unused_keys(self)
 
 
 class IRL(CrossModalNet):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import loss as losses
-from model import ModalityStem, Trunk, _backbone_parts, at_least_float32, l2_normalize
+from model import add_backbone, at_least_float32, backbone_unused_keys, bn_neck, l2_normalize
 from utils import ConfigError
 
 DEE_DROPOUT = 0.01
@@ -171,32 +171,20 @@ class DEEN(nn.Module):
         self.check_input_size(img_h, img_w)
         self.num_classes, self.arch, self.img_h, self.img_w = num_classes, arch, img_h, img_w
         self.layer3_variant = layer3_variant
-        stems, trunk = _backbone_parts(arch, len(self.STEMS), pretrained)
-        self._official_trunk_keys = list(trunk.state_dict())
-        for (name, attr), stem in zip(self.STEMS, stems):
-            self.add_module(name, ModalityStem(attr, stem))
-        c = trunk.stage_channels
+        c = add_backbone(self, arch, pretrained)
         if layer3_variant:
-            del trunk.layer4
-        self.base_resnet = Trunk(trunk)
+            del self.base_resnet.base.layer4
         self.DEE = DEE_module(c[2] if layer3_variant else c[3])
         self.MFA1 = MFA_block(c[1], c[0], 0)
         self.MFA2 = MFA_block(c[2], c[1], 1)
         if not layer3_variant:
             self.MFA3 = MFA_block(c[3], c[2], 1)
         self.feat_dim = c[3] if layer3_variant else c[4]
-        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
-        self.bottleneck.bias.requires_grad_(False)
-        nn.init.normal_(self.bottleneck.weight, 1.0, 0.01)
-        nn.init.zeros_(self.bottleneck.bias)
-        self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
-        nn.init.normal_(self.classifier.weight, 0.0, 0.001)
+        self.bottleneck, self.classifier = bn_neck(self.feat_dim, num_classes)
 
     def official_unused_keys(self):
         """The stems' layer1..4, the trunk's conv1/bn1 and, for RegDB, the trunk's layer4 (METHODS.md 1.2)."""
-        stem_keys = list(self.visible_module.visible.state_dict())
-        unused = {f"{name}.{attr}.{k}" for name, attr in self.STEMS for k in self._official_trunk_keys}
-        unused |= {f"base_resnet.base.{k}" for k in stem_keys}
+        unused = backbone_unused_keys(self)
         if self.layer3_variant:
             unused |= {f"base_resnet.base.{k}" for k in self._official_trunk_keys if k.startswith("layer4.")}
         return unused

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import middle_modality as mm
-from model import ChannelAttention, SpatialAttention, at_least_float32, flip_average, l2_normalize
+from model import (ChannelAttention, SpatialAttention, add_backbone, at_least_float32, backbone_unused_keys, bn_neck,
+                   flip_average, l2_normalize)
 from utils import ConfigError
 
 SE_REDUCTION = 16
@@ -173,9 +174,9 @@ class IFALNet(nn.Module):
         super().__init__()
         self.check_input_size(img_h, img_w)
         self.num_classes, self.arch, self.img_h, self.img_w = num_classes, arch, img_h, img_w
-        c = mm.add_backbone(self, arch, pretrained)
+        c = add_backbone(self, arch, pretrained)
         self.feat_dim = c[4]
-        self.bottleneck, self.classifier = mm.bn_neck(self.feat_dim, num_classes)
+        self.bottleneck, self.classifier = bn_neck(self.feat_dim, num_classes)
         # The middle-modality generator, as flat official attributes (middle_modality.py).
         self.encode1, self.fc1, self.bn1 = mm.constant_conv(3, 1), mm.constant_conv(1, 1), nn.BatchNorm2d(1)
         self.encode2, self.fc2, self.bn2 = mm.constant_conv(3, 1), mm.constant_conv(1, 1), nn.BatchNorm2d(1)
@@ -189,7 +190,7 @@ class IFALNet(nn.Module):
 
     def official_unused_keys(self):
         """The stems' layer1..4, the trunk's conv1/bn1 and MIA3's residual convolutions (METHODS.md 2.2)."""
-        unused = mm.backbone_unused_keys(self)
+        unused = backbone_unused_keys(self)
         unused |= {f"MIA3.{conv}.{p}" for conv in ("conv_narrow1", "conv_narrow2") for p in ("weight", "bias")}
         return unused
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import loss as losses
 import middle_modality as mm
-from model import at_least_float32, flip_average, l2_normalize
+from model import add_backbone, at_least_float32, backbone_unused_keys, bn_neck, flip_average, l2_normalize
 from utils import ConfigError
 
 STRIPES = 4
@@ -74,9 +74,9 @@ class MMN(nn.Module):
         super().__init__()
         self.check_input_size(img_h, img_w)
         self.num_classes, self.arch, self.img_h, self.img_w = num_classes, arch, img_h, img_w
-        self.feat_dim = mm.add_backbone(self, arch, pretrained)[4]
+        self.feat_dim = add_backbone(self, arch, pretrained)[4]
         for s in range(1, STRIPES + 1):
-            bottleneck, classifier = mm.bn_neck(self.feat_dim, num_classes)
+            bottleneck, classifier = bn_neck(self.feat_dim, num_classes)
             self.add_module(f"bottleneck{s}", bottleneck)
             self.add_module(f"classifier{s}", classifier)
         for s in (1, 2):        # the visible (1) and the infrared (2) generator
@@ -92,7 +92,7 @@ class MMN(nn.Module):
 
     def official_unused_keys(self):
         """The stems' layer1..4 and the trunk's conv1/bn1 of the official full ResNets (METHODS.md 5.1)."""
-        return mm.backbone_unused_keys(self)
+        return backbone_unused_keys(self)
 
     def official_optional_keys(self):
         """The DCL head: the official train.py keeps it outside the network, so official files lack it."""
