@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import CrossModalNet
 from similarity import Fusion
 
 # The official generators initialise every 1x1 convolution to this constant weight and a zero bias.
@@ -16,6 +17,7 @@ GENERATOR_INIT_WEIGHT = 0.333
 # Row blocks of the training batch, in order.
 BLOCKS = ("vis", "middle_vis", "ir", "middle_ir")
 # Test features: "pool" and "bn" of the image itself (o), "pool_m" and "bn_m" of its middle-modality image (m).
+TEST_FEATURE_NAMES = ("pool", "bn", "pool_m", "bn_m")
 # The four query-gallery stem pairs, as feature-name suffixes (query first): o-o, o-m, m-o, m-m.
 STEM_PAIRS = {"oo": ("", ""), "om": ("", "_m"), "mo": ("_m", ""), "mm": ("_m", "_m")}
 
@@ -56,3 +58,12 @@ def pairwise_block_triplet(features, visible_labels, infrared_labels, triplet):
     labels = torch.cat((visible_labels, infrared_labels))
     pairs = ((vis, ir), (vis, middle_ir), (middle_vis, ir), (middle_vis, middle_ir))
     return sum(triplet(torch.cat(pair), labels) for pair in pairs) / len(pairs)
+
+
+def test_features(net, images, modal, flip=False):
+    """{"pool", "bn", "pool_m", "bn_m"} of eval-mode images of one modality, for a network whose eval forward
+    gives (pool, bn) with the images' rows first, then their middle-modality images' rows: the AGW-family
+    test features (model.CrossModalNet.test_features, with CAJ's row-wise flip averaging) split in two."""
+    features = CrossModalNet.test_features(net, images, modal, flip=flip)
+    (pool_o, pool_m), (bn_o, bn_m) = features["pool"].chunk(2, 0), features["bn"].chunk(2, 0)
+    return {"pool": pool_o, "bn": bn_o, "pool_m": pool_m, "bn_m": bn_m}

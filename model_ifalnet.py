@@ -31,7 +31,7 @@ from torch import nn
 
 import middle_modality as mm
 from model import (ChannelAttention, SpatialAttention, add_backbone, at_least_float32, backbone_unused_keys, bn_neck,
-                   flip_average, l2_normalize)
+                   l2_normalize)
 from utils import ConfigError
 
 SE_REDUCTION = 16
@@ -162,7 +162,7 @@ class IFALNet(nn.Module):
     STEMS = (("thermal_module", "thermal"), ("visible_module", "visible"),
              ("thermal_moduleA", "thermal"), ("visible_moduleA", "visible"))
     num_inputs = 4
-    test_feature_names = ("pool", "bn", "pool_m", "bn_m")
+    test_feature_names = mm.TEST_FEATURE_NAMES
 
     @classmethod
     def check_input_size(cls, img_h, img_w):
@@ -267,10 +267,4 @@ class IFALNet(nn.Module):
         """{"pool", "bn" (original stem), "pool_m", "bn_m" (M-image stem)}: L2-normalised [N, D] features of
         eval-mode images of one modality. flip: CAJ's flip test-time augmentation (model.flip_average) of each
         (IFALNet's own test has none)."""
-        pool, bn = self(*([images] * self.num_inputs), modal=modal)
-        if flip:
-            pool_flipped, bn_flipped = self(*([images.flip(3)] * self.num_inputs), modal=modal)
-            pool, bn = flip_average(pool, pool_flipped), flip_average(bn, bn_flipped)
-        pool_o, pool_m = pool.chunk(2, 0)
-        bn_o, bn_m = bn.chunk(2, 0)
-        return {"pool": pool_o, "bn": bn_o, "pool_m": pool_m, "bn_m": bn_m}
+        return mm.test_features(self, images, modal, flip)

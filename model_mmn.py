@@ -24,7 +24,7 @@ from torch import nn
 
 import loss as losses
 import middle_modality as mm
-from model import add_backbone, at_least_float32, backbone_unused_keys, bn_neck, flip_average, l2_normalize
+from model import add_backbone, at_least_float32, backbone_unused_keys, bn_neck, l2_normalize
 from utils import ConfigError
 
 STRIPES = 4
@@ -58,7 +58,7 @@ class MMN(nn.Module):
     HEAD_MODULES = tuple(f"{kind}{s}" for s in range(1, STRIPES + 1) for kind in ("bottleneck", "classifier"))
     CLASSIFIER_KEY = "classifier1.weight"      # official checkpoints: its rows count the classes
     # Test features: pooled and BN features of the image itself (o) and of its middle-modality image (m).
-    test_feature_names = ("pool", "bn", "pool_m", "bn_m")
+    test_feature_names = mm.TEST_FEATURE_NAMES
 
     @classmethod
     def check_input_size(cls, img_h, img_w):
@@ -141,17 +141,7 @@ class MMN(nn.Module):
     def test_features(self, images, modal, flip=False):
         """{"pool", "bn", "pool_m", "bn_m"} [N, 4D] of eval-mode images of one modality: o = the images' rows,
         m = their middle-modality images' rows. flip: CAJ's flip averaging (an extension, off officially)."""
-        features = self._split_rows(*self(images, images, modal=modal))
-        if flip:
-            flipped = self._split_rows(*self(images.flip(3), images.flip(3), modal=modal))
-            features = {name: flip_average(f, flipped[name]) for name, f in features.items()}
-        return features
-
-    @staticmethod
-    def _split_rows(pool, bn):
-        pool_o, pool_m = pool.chunk(2, 0)
-        bn_o, bn_m = bn.chunk(2, 0)
-        return {"pool": pool_o, "bn": bn_o, "pool_m": pool_m, "bn_m": bn_m}
+        return mm.test_features(self, images, modal, flip)
 
     def set_grad_checkpointing(self, enabled=True):
         """Activation checkpointing is not written for MMN: refused in one line, never ignored."""
