@@ -152,7 +152,7 @@ def test_checkpoints_keep_channels_last_as_asked_so_another_device_resolves_it_a
     run = setup_regdb_run(tmp_path_factory, tmp_path)
     assert run.config["channels_last"] is False                      # resolved for the CPU ...
     saved = train_script.checkpoint_state(run, 0, {})["config"]
-    assert saved["channels_last"] is None and saved["method"] == "agw"    # ... but stored as the default
+    assert saved["channels_last"] is None and saved["method"] == run.method.name    # ... but stored as the default
     resumed, sources = train_script.resolve_config(train_script.build_parser().parse_args([]), saved)
     assert resumed["channels_last"] is None and sources["channels_last"] == "default"
     asked = setup_regdb_run(tmp_path_factory, tmp_path / "asked", "--channels-last")
