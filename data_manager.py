@@ -38,12 +38,19 @@ class DatasetInfo:
     official_num_classes: int  # classifier size of the released models (REFERENCE 9)
     num_splits: int            # RegDB: 10 train/test splits with one model each; 0: one split, gallery trials
     options: tuple             # test-protocol options that apply to it (test.py checks its flags against them)
+    low_light_cams: tuple      # cameras filming in the dark: marked "(low-light)" in per-camera tables
 
 
+# Low-light cameras. SYSU-MM01: its two infrared cameras, cam3 (indoor) and cam6 (outdoor), are the ones set in
+# dark scenes; its four visible cameras film lit ones (Wu et al., ICCV 2017). LLCM: all nine; the dataset was
+# filmed by 9 RGB/IR cameras in low-light environments, as its paper says (Zhang & Wang, CVPR 2023: "all the
+# existing VIReID datasets are captured under sufficient illumination"), and names none as darker than the
+# others. RegDB: none; its visible and thermal cameras are not described as low-light.
 DATASETS = {
-    "sysu": DatasetInfo("SYSU-MM01", "./dataset/SYSU-MM01/", 395, 0, ("mode", "shots")),
-    "regdb": DatasetInfo("RegDB", "./dataset/RegDB/", 206, 10, ("tvsearch",)),
-    "llcm": DatasetInfo("LLCM", "./dataset/LLCM/", 713, 0, ("direction", "shots", "deen_transposed")),
+    "sysu": DatasetInfo("SYSU-MM01", "./dataset/SYSU-MM01/", 395, 0, ("mode", "shots"), (3, 6)),
+    "regdb": DatasetInfo("RegDB", "./dataset/RegDB/", 206, 10, ("tvsearch",), ()),
+    "llcm": DatasetInfo("LLCM", "./dataset/LLCM/", 713, 0, ("direction", "shots", "deen_transposed"),
+                        tuple(range(1, 10))),
 }
 DEFAULT_DATA_PATHS = {key: info.default_path for key, info in DATASETS.items()}
 SYSU_RGB_CAMS = ("cam1", "cam2", "cam4", "cam5")

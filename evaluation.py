@@ -222,11 +222,6 @@ def load_features(path):
 # Per-camera results
 # --------------------------------------------------------------------------------------------------
 
-# Cameras recording in the dark, by dataset, named "low-light" in the per-camera tables. SYSU-MM01: its two
-# infrared cameras (cam3 indoor, cam6 outdoor) are the ones set in dark scenes (Wu et al., ICCV 2017); its
-# visible cameras film lit scenes. LLCM and RegDB publish no per-camera lighting, so none is named unless
-# test.py --low-light-cams says which (e.g. the synthetic trees' dark cameras).
-LOW_LIGHT_CAMERAS = {"sysu": (3, 6), "regdb": (), "llcm": ()}
 CAMERA_METRICS = ("Rank-1", "mAP", "mINP")
 
 

@@ -89,7 +89,7 @@ def build_parser():
              "kept) and per query camera (its queries against the whole gallery), and the best-worst gap")
     add("--low-light-cams", dest="low_light_cams", nargs="+", type=int, metavar="CAM",
         help="cameras to mark low-light in --by-camera (default: SYSU-MM01 cam3 cam6, its IR cameras in dark "
-             "scenes; none for RegDB and LLCM, which publish no per-camera lighting)")
+             "scenes; all nine LLCM cameras, filmed in low light; none for RegDB)")
     return p
 
 
@@ -425,8 +425,7 @@ def run_test(args):
 
 def camera_results(args, info, by_camera, several_cameras, modes, log, labels):
     """The JSON "by_camera" entry, with its table logged; a note instead where every side has one camera."""
-    low_light = tuple(args.low_light_cams if args.low_light_cams is not None
-                      else evaluation.LOW_LIGHT_CAMERAS[args.dataset])
+    low_light = tuple(args.low_light_cams if args.low_light_cams is not None else info.low_light_cams)
     if not several_cameras:
         note = (f"{info.name} has one camera each way (one query camera, one gallery camera): per-camera "
                 f"numbers equal the overall ones, so there is no per-camera table")

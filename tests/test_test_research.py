@@ -124,6 +124,11 @@ def test_llcm_per_camera_with_marked_cameras_and_features(tmp_path_factory, tmp_
     again = reevaluate(ws, [str(tmp_path / "llcm.npz")], "--by-camera", "--low-light-cams", "2", "5", "8",
                        "--modes", "sum", output=tmp_path / "again.json")
     assert again["per_trial"] == summary["per_trial"] and again["by_camera"] == summary["by_camera"]
+    # Without --low-light-cams every LLCM camera is marked: the dataset was filmed in low light as a whole.
+    default = reevaluate(ws, [str(tmp_path / "llcm.npz")], "--by-camera", "--modes", "sum",
+                         output=tmp_path / "default.json")
+    assert default["by_camera"]["low_light_cameras"] == list(range(1, 10))
+    assert default["by_camera"]["summary"] == summary["by_camera"]["summary"]
 
 
 @pytest.mark.parametrize("dataset, flags", [("regdb", ["--trial", "1"]),
