@@ -40,30 +40,40 @@ def eval_sysu(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stabl
     Returns (cmc float32 [max_rank], mAP, mINP); rank-k of the CMC means "the true identity is
     among the first k distinct identities of the ranking" (REFERENCE 3.2).
     """
-    return _eval_dedup("sysu", distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort)
+    return _per_query("sysu", distmat, q_pids, g_pids, q_camids, g_camids, max_rank,
+                      stable_sort=stable_sort).summary(max_rank)
 
 
 def eval_llcm(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=20, *, stable_sort=False):
     """LLCM metric: gallery items with the query's pid and camera number are ignored;
     identity de-duplicated CMC like eval_sysu (REFERENCE 3.3). Returns (cmc, mAP, mINP)."""
-    return _eval_dedup("llcm", distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort)
-
-
-def _eval_dedup(metric, distmat, q_pids, g_pids, q_camids, g_camids, max_rank, stable_sort):
-    """Shared body of eval_sysu / eval_llcm: `metric` picks the gallery-removal rule."""
-    distmat, q_pids, g_pids, q_camids, g_camids = _check_inputs(
-        distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
-    removed = _Removal(metric, q_pids, q_camids, g_pids, g_camids)
-    return _evaluate(distmat, q_pids, g_pids, removed, max_rank, dedup_cmc=True,
-                     stable_sort=stable_sort)
+    return _per_query("llcm", distmat, q_pids, g_pids, q_camids, g_camids, max_rank,
+                      stable_sort=stable_sort).summary(max_rank)
 
 
 def eval_regdb(distmat, q_pids, g_pids, max_rank=20, *, stable_sort=False):
     """RegDB metric: nothing removed (query and gallery cameras differ), standard CMC
     (REFERENCE 3.1). Returns (cmc, mAP, mINP)."""
-    distmat, q_pids, g_pids, _, _ = _check_inputs(distmat, q_pids, g_pids, None, None, max_rank)
-    return _evaluate(distmat, q_pids, g_pids, None, max_rank, dedup_cmc=False,
-                     stable_sort=stable_sort)
+    return _per_query("regdb", distmat, q_pids, g_pids, None, None, max_rank,
+                      stable_sort=stable_sort).summary(max_rank)
+
+
+# The metrics with gallery-removal rules, which also de-duplicate identities in the CMC (REFERENCE 3.2-3.3);
+# the RegDB metric has neither.
+_DEDUPLICATING_METRICS = frozenset({"sysu", "llcm"})
+_KNOWN_METRICS = _DEDUPLICATING_METRICS | {"regdb"}
+# CMC length of evaluate_protocol's results, as the official test scripts print them.
+_MAX_RANK = 20
+
+
+def _per_query(metric, distmat, q_pids, g_pids, q_cams, g_cams, max_rank, *, stable_sort):
+    """The per-query _Results of `metric` ("sysu", "regdb", "llcm"; RegDB ignores the cameras)."""
+    if metric not in _KNOWN_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_KNOWN_METRICS)}")
+    distmat, q_pids, g_pids, q_cams, g_cams = _check_inputs(distmat, q_pids, g_pids, q_cams, g_cams, max_rank)
+    dedup_cmc = metric in _DEDUPLICATING_METRICS
+    removed = _Removal(metric, q_pids, q_cams, g_pids, g_cams) if dedup_cmc else None
+    return _evaluate(distmat, q_pids, g_pids, removed, dedup_cmc=dedup_cmc, stable_sort=stable_sort)
 
 
 def removed_gallery(metric, q_pids, q_cams, g_pids, g_cams):
@@ -174,18 +184,21 @@ class _Results:
         hit_rank[valid] = kept_pos[first] if distinct_before is None else distinct_before[valid]
         self.ap[rows], self.inp[rows], self.valid[rows], self.hit_rank[rows] = ap, inp, valid, hit_rank
 
-    def summary(self, max_rank):
-        """(cmc float32 [max_rank], mAP, mINP) over the valid queries."""
-        num_valid = int(self.valid.sum())
+    def summary(self, max_rank, queries=None):
+        """(cmc float32 [min(max_rank, num_g)], mAP, mINP) over the valid queries, or over the valid ones
+        among `queries` (a bool mask)."""
+        max_rank = min(max_rank, self.num_g)
+        valid = self.valid if queries is None else self.valid & queries
+        num_valid = int(valid.sum())
         if num_valid == 0:
             raise NoValidQueryError("no valid query: no query identity appears among its kept gallery items")
-        hits = np.bincount(np.minimum(self.hit_rank[self.valid], max_rank), minlength=max_rank + 1)
+        hits = np.bincount(np.minimum(self.hit_rank[valid], max_rank), minlength=max_rank + 1)
         cmc = np.cumsum(hits[:max_rank]).astype(np.float32) / np.float32(num_valid)
-        return cmc, np.mean(self.ap[self.valid]), np.mean(self.inp[self.valid])
+        return cmc, np.mean(self.ap[valid]), np.mean(self.inp[valid])
 
 
-def _evaluate(distmat, q_pids, g_pids, removed, max_rank, *, dedup_cmc, stable_sort):
-    """Shared body of the three metrics, one block of queries at a time.
+def _evaluate(distmat, q_pids, g_pids, removed, *, dedup_cmc, stable_sort):
+    """Shared body of the three metrics, one block of queries at a time; returns the _Results.
 
     removed: a _Removal (or None: keep everything). Per query only the kept-list
     positions of its kept true matches matter (AP, INP, standard CMC) and, for the de-duplicated
@@ -217,7 +230,7 @@ def _evaluate(distmat, q_pids, g_pids, removed, max_rank, *, dedup_cmc, stable_s
     for start in range(0, len(full_sort), block):
         _rank_by_full_sort(distmat, full_sort[start:start + block], q_pids, g_pids, removed,
                            identities if dedup_cmc else None, stable_sort, results)
-    return results.summary(min(max_rank, num_g))
+    return results
 
 
 class _GalleryIdentities:
@@ -438,9 +451,6 @@ def _distinct_ids_before(order, removed, first_raw, identities):
     return np.count_nonzero(best_rank_per_pid < first_raw[:, None], axis=1)
 
 
-_METRICS = {"sysu": eval_sysu, "regdb": eval_regdb, "llcm": eval_llcm}
-
-
 def evaluate_by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank=20):
     """Rank-k / mAP / mINP per camera of one distance matrix under `metric` ("sysu", "regdb", "llcm").
 
@@ -452,20 +462,27 @@ def evaluate_by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank
     None for a camera with no valid query (its numbers are undefined, not 0).
     """
     distmat = np.asarray(distmat)
-    q_pids, g_pids, q_cams, g_cams = (np.asarray(a) for a in (q_pids, g_pids, q_cams, g_cams))
+    labels = tuple(np.asarray(a) for a in (q_pids, g_pids, q_cams, g_cams))
+    return _by_camera(distmat, *labels, metric, max_rank,
+                      _per_query(metric, distmat, *labels, max_rank, stable_sort=False))
 
-    def evaluate(rows, columns):
-        labels = _metric_labels(metric, (q_pids[rows], q_cams[rows]), (g_pids[columns], g_cams[columns]))
+
+def _by_camera(distmat, q_pids, g_pids, q_cams, g_cams, metric, max_rank, per_query):
+    """evaluate_by_camera, given the metric's per-query _Results of the whole matrix: a query's numbers do not
+    depend on the other queries, so those of a query camera are a subset of them, not a new ranking."""
+    def summary_or_none(results, queries=None):
         try:
-            return _METRICS[metric](distmat[np.ix_(rows, columns)], *labels, max_rank=max_rank)
+            return results.summary(max_rank, queries)
         except NoValidQueryError:
             return None
 
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(_METRICS)}")
-    all_rows, all_columns = np.arange(len(q_pids)), np.arange(len(g_pids))
-    return {"gallery": {int(cam): evaluate(all_rows, np.flatnonzero(g_cams == cam)) for cam in np.unique(g_cams)},
-            "query": {int(cam): evaluate(np.flatnonzero(q_cams == cam), all_columns) for cam in np.unique(q_cams)}}
+    def gallery_camera(cam):
+        columns = np.flatnonzero(g_cams == cam)
+        return summary_or_none(_per_query(metric, distmat[:, columns], q_pids, g_pids[columns], q_cams,
+                                          g_cams[columns], max_rank, stable_sort=False))
+
+    return {"gallery": {int(cam): gallery_camera(cam) for cam in np.unique(g_cams)},
+            "query": {int(cam): summary_or_none(per_query, q_cams == cam) for cam in np.unique(q_cams)}}
 
 
 def non_finite_warnings(query_feats, gallery_feats):
@@ -500,10 +517,9 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
     the protocol's sides, also when transposed).
     """
     name = getattr(protocol, "name", "?")
-    metric = _METRICS.get(protocol.metric)
-    if metric is None:
+    if protocol.metric not in _KNOWN_METRICS:
         raise ValueError(f"unknown metric {protocol.metric!r} in protocol {name}; "
-                         f"expected one of {sorted(_METRICS)}")
+                         f"expected one of {sorted(_KNOWN_METRICS)}")
     trial_indices, trials = list(protocol.trial_indices), list(protocol.trials)
     if not trial_indices or len(trial_indices) != len(trials):
         raise ValueError(f"protocol {name} needs one trial id per gallery trial, "
@@ -525,13 +541,13 @@ def evaluate_protocol(query_feats, gallery_feats, protocol, modes=("bn", "pool")
         rows, columns = (gallery_trial, gallery), (query_feats, query)     # each row ranks the columns
         if not transpose:
             rows, columns = columns, rows
-        labels = _metric_labels(protocol.metric, rows[1], columns[1])     # the same for every mode
+        labels = (rows[1][0], columns[1][0], rows[1][1], columns[1][1])   # pids, pids, cameras, cameras
         for mode in modes:
-            distmat = distance(rows[0], columns[0], oriented[mode])
-            per_trial[mode].append({"trial": int(trial), **_result(metric(distmat, *labels))})
+            distmat = np.asarray(distance(rows[0], columns[0], oriented[mode]))
+            per_query = _per_query(protocol.metric, distmat, *labels, _MAX_RANK, stable_sort=False)
+            per_trial[mode].append({"trial": int(trial), **_result(per_query.summary(_MAX_RANK))})
             if by_camera:
-                sides = evaluate_by_camera(distmat, rows[1][0], columns[1][0], rows[1][1], columns[1][1],
-                                           protocol.metric)
+                sides = _by_camera(distmat, *labels, protocol.metric, _MAX_RANK, per_query)
                 ranked, probe = ("query", "gallery") if transpose else ("gallery", "query")
                 cameras[mode].append({"trial": int(trial),
                                       **{side: {cam: None if r is None else _result(r)
@@ -546,14 +562,6 @@ def _result(metric_output):
     """(cmc, mAP, mINP) of a metric as JSON-friendly floats."""
     cmc, mAP, mINP = metric_output
     return {"cmc": [float(v) for v in cmc], "mAP": float(mAP), "mINP": float(mINP)}
-
-
-def _metric_labels(metric, query, gallery):
-    """Positional label arguments of the metric function (eval_regdb takes no cameras)."""
-    (q_pids, q_cams), (g_pids, g_cams) = query, gallery
-    if metric == "regdb":
-        return q_pids, g_pids
-    return q_pids, g_pids, q_cams, g_cams
 
 
 def _summarise(results, reduce):
