@@ -233,12 +233,13 @@ class _PairedTrainData(Dataset):
             # Not IndexError: that would silently end a plain `for item in dataset` loop.
             raise RuntimeError("set cIndex/tIndex (IdentitySampler.index1/index2) before indexing "
                                "the training set")
-        ci, ti = self.cIndex[k], self.tIndex[k]
-        rgb = np.asarray(self.train_color_image[ci])
-        ir = np.asarray(self.train_thermal_image[ti])
-        rgb_label, ir_label = self.train_color_label[ci], self.train_thermal_label[ti]
-        images = {RGB: rgb, IR: ir}
-        return (*(transform(images[modality]) for modality, transform in self.views), rgb_label, ir_label)
+        return self.pair(self.cIndex[k], self.tIndex[k])
+
+    def pair(self, ci, ti):
+        """The item of RGB image `ci` and IR image `ti`: one transformed image per view, then the two labels."""
+        images = {RGB: np.asarray(self.train_color_image[ci]), IR: np.asarray(self.train_thermal_image[ti])}
+        return (*(transform(images[modality]) for modality, transform in self.views),
+                self.train_color_label[ci], self.train_thermal_label[ti])
 
 
 def _checked_views(views):
@@ -356,17 +357,15 @@ class LLCMData(_ListTrainData):
         self._load(*data_manager.llcm_training_lists(self.data_dir), img_h, img_w)
 
 
-# The training set of each dataset, built from its root, the method's views, the image size and (RegDB) split.
-TRAINING_SETS = {
-    "sysu": lambda root, views, img_h, img_w, trial: SYSUData(root, views, img_h=img_h, img_w=img_w),
-    "regdb": lambda root, views, img_h, img_w, trial: RegDBData(root, trial, views, img_h=img_h, img_w=img_w),
-    "llcm": lambda root, views, img_h, img_w, trial: LLCMData(root, views, img_h=img_h, img_w=img_w),
-}
-
-
 def training_set(dataset, data_path, views, img_h, img_w, *, trial=None):
     """The training set of `dataset` ("sysu" | "regdb" | "llcm"; `trial` is RegDB's split 1..10)."""
-    return TRAINING_SETS[dataset](data_path, views, img_h, img_w, trial)
+    if dataset == "sysu":
+        return SYSUData(data_path, views, img_h=img_h, img_w=img_w)
+    if dataset == "regdb":
+        return RegDBData(data_path, trial, views, img_h=img_h, img_w=img_w)
+    if dataset == "llcm":
+        return LLCMData(data_path, views, img_h=img_h, img_w=img_w)
+    raise ConfigError(f"no training set for dataset {dataset!r}; expected one of {sorted(data_manager.DATASETS)}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -199,8 +199,9 @@ def seed_like_a_new_worker(base_seed, worker_id):
 
 
 class PlannedPairs(torch.utils.data.Dataset):
-    """A paired training set (cIndex/tIndex plans, data_loader._PairedTrainData) indexed by the items of
-    `RunSampler`: (rgb index, ir index, worker seed).
+    """A paired training set (data_loader._PairedTrainData: `pair(rgb index, ir index)` gives an item) indexed
+    by the items of `RunSampler`: (rgb index, ir index, worker seed). Nothing of the dataset is changed per
+    item, so every worker's copy stays as built.
 
     A worker that meets a new epoch's seed first re-seeds itself as a worker started for that epoch would
     be, so persistent workers draw the same augmentations as the per-epoch workers of the official loop.
@@ -219,8 +220,7 @@ class PlannedPairs(torch.utils.data.Dataset):
         if worker is not None and worker_seed != self.seeded_with:
             seed_like_a_new_worker(worker_seed, worker.id)
             self.seeded_with = worker_seed
-        self.dataset.cIndex, self.dataset.tIndex = (rgb_index,), (ir_index,)
-        return self.dataset[0]
+        return self.dataset.pair(rgb_index, ir_index)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import data_loader
 import data_manager
 import methods
 import pre_process_sysu
+import utils
 from data_loader import (LLCMData, RegDBData, SYSUData, build_test_transform,
                          load_resized_rgb, make_test_loader)
 from data_manager import DatasetError
@@ -91,6 +92,21 @@ def test_sysu_views_come_from_the_indexed_images(sysu_npy):
     rgb, ir, _, _ = ds[4]
     assert torch.equal(rgb, identity(np.asarray(ds.train_color_image[ds.cIndex[4]])))
     assert torch.equal(ir, identity(np.asarray(ds.train_thermal_image[ds.tIndex[4]])))
+
+
+def test_planned_pairs_read_the_sampled_pair_without_changing_the_dataset(sysu_npy):
+    identity = build_test_transform(H, W)
+    ds = SYSUData(sysu_npy, [("rgb", identity), ("ir", identity)])
+    rgb, ir, rgb_label, ir_label = utils.PlannedPairs(ds)[(3, 5, 0)]
+    assert torch.equal(rgb, identity(np.asarray(ds.train_color_image[3])))
+    assert torch.equal(ir, identity(np.asarray(ds.train_thermal_image[5])))
+    assert (rgb_label, ir_label) == (ds.train_color_label[3], ds.train_thermal_label[5])
+    assert ds.cIndex is None and ds.tIndex is None       # workers' copies stay as built
+
+
+def test_training_set_of_an_unknown_dataset_is_a_config_error(sysu_npy):
+    with pytest.raises(ConfigError, match="no training set for dataset 'market'"):
+        data_loader.training_set("market", sysu_npy, methods.get("agw").train_views(H, W), H, W)
 
 
 def test_sysu_index_plan_is_settable_per_epoch(sysu_npy):
