@@ -387,8 +387,9 @@ def run_test(args):
             per_trial[mode].extend(result["per_trial"][mode])
             if args.by_camera:
                 by_camera[mode].extend(result["by_camera"][mode])
+        first_label = mode_labels(args, settings)[modes[0]]
         for entry in result["per_trial"][modes[0]]:
-            log.info(f"  trial {entry['trial']}: {mode_labels(args, settings)[modes[0]]} Rank-1 {100 * entry['cmc'][0]:.2f}% "
+            log.info(f"  trial {entry['trial']}: {first_label} Rank-1 {100 * entry['cmc'][0]:.2f}% "
                      f"mAP {100 * entry['mAP']:.2f}% mINP {100 * entry['mINP']:.2f}%")
         checkpoints[key] = path
         several_cameras = several_cameras or evaluation.has_several_cameras(protocol)
