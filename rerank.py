@@ -245,22 +245,15 @@ def _expanded_sets(reciprocal, half_reciprocal, num):
     reciprocal_keys = item * num + other                       # sorted
     members = [reciprocal_keys]
     # Candidate sets R(j, k1/2) for every pair (i, j); a few pairs at a time bounds the memory.
-    pair_terms = np.cumsum(half_size[other])
-    first = 0
-    while first < len(item):
-        stop = max(first + 1, int(np.searchsorted(pair_terms, pair_terms[first] + _BLOCK_TERMS)))
-        stop = min(stop, len(item))
+    for first, stop in _chunks(half_size[other], _BLOCK_TERMS):
         pair_item, candidate = item[first:stop], other[first:stop]
-        sizes = half_size[candidate]
-        term_pair = np.repeat(np.arange(stop - first), sizes)
-        within = np.arange(len(term_pair)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        term_member = half_other[half_start[candidate][term_pair] + within]
+        term_pair, position = _ragged(half_start[candidate], half_size[candidate])
+        term_member = half_other[position]
         shared = _contains(reciprocal_keys, pair_item[term_pair] * num + term_member)
         overlap = np.bincount(term_pair, weights=shared, minlength=stop - first)
-        accepted = overlap > 2.0 / 3 * sizes                   # the standard code's test, as written
+        accepted = overlap > 2.0 / 3 * half_size[candidate]    # the standard code's test, as written
         added = accepted[term_pair]
         members.append(pair_item[term_pair[added]] * num + term_member[added])
-        first = stop
     keys = _unique(np.concatenate(members))
     return keys // num, keys % num
 
@@ -300,10 +293,17 @@ class _SparseRows:
 
     def entries_of(self, rows):
         """(index into rows, column, value) of every entry of the listed rows, row by row."""
-        sizes = self.start[rows + 1] - self.start[rows]
-        owner = np.repeat(np.arange(len(rows)), sizes)
-        position = np.repeat(self.start[rows] - (np.cumsum(sizes) - sizes), sizes) + np.arange(len(owner))
+        owner, position = _ragged(self.start[rows], self.start[rows + 1] - self.start[rows])
         return owner, self.columns[position], self.values[position]
+
+
+def _ragged(starts, sizes):
+    """The ragged (CSR) gather: (owner, position) over the segments [starts[s], starts[s] + sizes[s]),
+    segment after segment, each position in its segment's order, with the segment s it belongs to."""
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    position = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
+    position += np.arange(len(position))
+    return owner, position
 
 
 def _chunks(work, budget):
@@ -362,13 +362,11 @@ def _final_distances(matrices, weights, lambda_value):
         for sub_first in range(first, stop, row_cells):        # the dense sum is [rows, num_g] float64
             sub_stop = min(sub_first + row_cells, stop)
             owner, column, value = weights.entries_of(np.arange(sub_first, sub_stop))
-            # One term per (query entry (i, m), gallery entry (g, m)); np.repeat spreads each query
-            # entry over its column's gallery entries, which sit at consecutive cells.
-            sizes = column_size[column]
-            term_cell = np.repeat(column_start[column] - (np.cumsum(sizes) - sizes), sizes)
-            term_cell += np.arange(len(term_cell))
-            shared = np.minimum(np.repeat(value, sizes), column_value[term_cell])
-            target = np.repeat(owner * num_g, sizes)
+            # One term per (query entry (i, m), gallery entry (g, m)): each query entry spread over its
+            # column's gallery entries, which sit at consecutive cells.
+            term_entry, term_cell = _ragged(column_start[column], column_size[column])
+            shared = np.minimum(value[term_entry], column_value[term_cell])
+            target = owner[term_entry] * num_g
             target += column_item[term_cell]
             overlap = np.bincount(target, weights=shared, minlength=(sub_stop - sub_first) * num_g)
             overlap = overlap.astype(np.float32).reshape(sub_stop - sub_first, num_g)
