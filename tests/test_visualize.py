@@ -65,6 +65,54 @@ def make_features_npz(tmp_path, *, per_trial_keys=False, trials=(0, 1), protocol
     return str(path), data
 
 
+def add_middle_modality_features(path, data, method="mmn"):
+    """Rewrite the npz as saved from `method` with a second feature `bn_m` per image: random unit vectors, so
+    that a ranking by them is not bn's."""
+    rng = np.random.default_rng(1)
+    data = dict(data, query_bn_m=_unit(rng.normal(size=data["query_bn"].shape)),
+                gallery_bn_m=_unit(rng.normal(size=data["gallery_bn"].shape)),
+                feature_names=np.array(["pool", "bn", "bn_m"]),
+                options=np.array(json.dumps({"model": {"method": method}})))
+    np.savez(path, **data)
+    return data
+
+
+def test_ranks_take_the_modes_of_the_method_that_saved_the_features(tmp_path, capsys):
+    path, data = make_features_npz(tmp_path)
+    data = add_middle_modality_features(path, data)
+    rows = vis.ranked_rows(vis.load_features(path), "bn_mm", 0, 3, 4, seed=0)
+    for row in rows:
+        q = data["query_bn_m"][data["query_paths"].tolist().index(row["query_path"])]
+        expected = _oracle_ranking(q, data["gallery_bn_m"][data["gallery_trial_indices"][0]])[:4]
+        trial = data["gallery_trial_indices"][0]
+        assert [path for path, _, _, _ in row["ranked"]] == [data["gallery_paths"][trial[j]] for j in expected]
+        by_bn = _oracle_ranking(data["query_bn"][data["query_paths"].tolist().index(row["query_path"])],
+                                data["gallery_bn"][data["gallery_trial_indices"][0]])[:4]
+        assert expected != by_bn
+    out = tmp_path / "out"
+    assert vis.main(["ranks", "--features", path, "--out", str(out), "--feature", "bn_mm"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "ranks_regdb-trial1-v2t_trial0_bn_mm.png")]
+
+
+def test_a_mode_the_saving_method_lacks_is_one_line_error(tmp_path, capsys):
+    path, data = make_features_npz(tmp_path)
+    add_middle_modality_features(path, data, method="agw")
+    assert vis.main(["ranks", "--features", path, "--out", str(tmp_path / "o"), "--feature", "bn_mm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "similarity mode bn_mm is not one of" in err and "weighted" in err
+
+
+def test_tsne_embeds_any_stored_feature_and_names_the_stored_ones(tmp_path, capsys):
+    path, data = make_features_npz(tmp_path)
+    data = add_middle_modality_features(path, data)
+    x, _, _ = vis.tsne_points(vis.load_features(path), "bn_m", 0, max_ids=NUM_IDS, max_points=1000, seed=0)
+    assert len(x) == len(data["query_pids"]) + len(data["gallery_trial_indices"][0])
+    assert {tuple(np.round(row, 12)) for row in x} <= {tuple(np.round(row, 12)) for row in
+                                                       np.concatenate([data["query_bn_m"], data["gallery_bn_m"]])}
+    assert vis.main(["tsne", "--features", path, "--out", str(tmp_path / "t.png"), "--feature", "cls"]) == 2
+    assert "feature cls is not in" in capsys.readouterr().err
+
+
 def _frame_colour(img, row, col, layout=vis.GridLayout()):
     x, y = layout.cell_origin(row, col)
     return img.getpixel((x + 1, y + layout.border + layout.thumb_h // 2))   # left frame edge, mid-height

@@ -31,6 +31,7 @@ import json  # noqa: E402
 
 from evaluation import (LABEL_SIDE_KEYS, FeaturesFileError, camera_label, feature_names,  # noqa: E402
                         read_features_file, rerank_parameters, reranked_distance)
+import methods  # noqa: E402
 from utils import ConfigError  # noqa: E402
 
 MATPLOTLIB_MISSING = "matplotlib is required for figures: pip install matplotlib"
@@ -57,6 +58,13 @@ class SavedFeatures:
     trials: list           # trial ids
     trial_indices: list    # per trial, indices into the gallery arrays
     transpose: bool        # rows = gallery, columns = query (RegDB tvsearch, DEEN LLCM), as in evaluation
+    fusions: dict          # the similarity modes of the method that saved them ({name: similarity.Fusion})
+
+    def fusion(self, mode):
+        if mode not in self.fusions:
+            raise VisualizeError(f"similarity mode {mode} is not one of {self.source}'s method: "
+                                 f"{', '.join(self.fusions)}")
+        return self.fusions[mode]
 
     def trial_position(self, trial):
         """Position of trial id `trial` (None -> the first stored trial)."""
@@ -94,7 +102,15 @@ def load_features(path) -> SavedFeatures:
     return SavedFeatures(source=path, protocol=str(data.get("protocol", "unknown")),
                          query=_side(data, "query"), gallery=_side(data, "gallery"),
                          trials=trials, trial_indices=trial_indices,
-                         transpose=bool(data.get("transpose", False)))
+                         transpose=bool(data.get("transpose", False)), fusions=_saved_fusions(data))
+
+
+def _saved_fusions(data):
+    """The similarity modes of the method named in the file's options; the standard ones for files that name
+    none (written before the options held the model)."""
+    options = json.loads(str(data["options"])) if "options" in data else {}
+    method = options.get("model", {}).get("method")
+    return STANDARD_FUSIONS if method is None else methods.get(method).similarity_modes()
 
 
 def _side(data, side):
@@ -213,7 +229,7 @@ def ranked_rows(feats: SavedFeatures, mode, trial_pos, num_queries, top_k, seed,
     """Build the row descriptions for `render_ranked_rows` (query choice, ranking, true/false flags)."""
     probes, ranked_set = feats.trial_sets(trial_pos)
     g_pids, g_cams = ranked_set["pids"], ranked_set["cams"]
-    sim = similarity(probes, ranked_set, STANDARD_FUSIONS[mode])    # reads only the features it needs
+    sim = similarity(probes, ranked_set, feats.fusion(mode))    # reads only the features it needs
     keep = kept_gallery(feats.metric, probes, ranked_set)
     rows = []
     for qi in pick_queries(probes["pids"], g_pids, keep, num_queries, seed):
@@ -268,7 +284,7 @@ def rerank_moves(feats: SavedFeatures, mode, trial_pos, params):
     every probe of one trial."""
     probes, ranked_set = feats.trial_sets(trial_pos)
     keep = kept_gallery(feats.metric, probes, ranked_set)
-    fusion = STANDARD_FUSIONS[mode]
+    fusion = feats.fusion(mode)
     before = similarity(probes, ranked_set, fusion)
     after = -reranked_distance(**params)(probes, ranked_set, fusion).astype(np.float64)
     return (before, after, keep, first_hits(before, keep, probes["pids"], ranked_set["pids"]),
@@ -465,6 +481,9 @@ def tsne(x, dim=2, perplexity=30.0, iters=1000, seed=0, *, exaggeration=12.0, ex
 def tsne_points(feats: SavedFeatures, feature, trial_pos, max_ids, max_points, seed):
     """Features, pids and modalities of query + trial-gallery samples of a seeded subset of identities."""
     sets = feats.trial_sets(trial_pos)
+    if feature not in feats.query or feature in LABEL_SIDE_KEYS:
+        stored = [key for key in feats.query if key not in LABEL_SIDE_KEYS]
+        raise VisualizeError(f"feature {feature} is not in {feats.source} (it holds {', '.join(stored)})")
     shared = np.intersect1d(sets[0]["pids"], sets[1]["pids"])
     if len(shared) == 0:
         raise VisualizeError(f"{feats.source}: no identity appears in both the query set and trial gallery")
@@ -545,8 +564,9 @@ def build_parser():
 
     def ranked_lists(p, num_queries, queries_help):
         p.add_argument("--out", required=True, help="output directory for the PNG(s)")
-        p.add_argument("--feature", default="bn", choices=("bn", "pool", "sum", "weighted"),
-                       help="similarity used for ranking (REFERENCE 2.3)")
+        p.add_argument("--feature", default="bn",
+                       help="similarity mode used for ranking: bn, pool, sum, weighted (REFERENCE 2.3) or a mode "
+                            "of the method that saved the features (e.g. DEEN's s7)")
         p.add_argument("--num-queries", type=int, default=num_queries, help=queries_help)
         p.add_argument("--top-k", type=int, default=10, help="gallery images shown per row")
         p.add_argument("--image-root", default=None, help="directory that relative image paths are under")
@@ -559,7 +579,7 @@ def build_parser():
     t = sub.add_parser("tsne", help="t-SNE of both modalities (needs matplotlib)")
     common(t)
     t.add_argument("--out", required=True, help="output PNG file")
-    t.add_argument("--feature", default="bn", choices=("bn", "pool"), help="feature embedded")
+    t.add_argument("--feature", default="bn", help="feature embedded: bn, pool or another one the file holds")
     t.add_argument("--max-ids", type=int, default=20, help="identities shown (seeded choice)")
     t.add_argument("--max-points", type=int, default=3000, help="subsample above this many points")
     t.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
@@ -576,7 +596,7 @@ def build_parser():
     cams = sub.add_parser("cameras", help="bar chart per camera from a test.py --by-camera JSON (needs matplotlib)")
     cams.add_argument("--results", required=True, help="results JSON written by test.py --by-camera")
     cams.add_argument("--out", required=True, help="output PNG file")
-    cams.add_argument("--feature", default="bn", choices=("bn", "pool", "sum", "weighted"), help="similarity mode")
+    cams.add_argument("--feature", default="bn", help="similarity mode, one of the results' modes")
     cams.add_argument("--metric", default="Rank-1", choices=("Rank-1", "mAP", "mINP"), help="metric plotted")
     cams.set_defaults(run=run_cameras)
     return parser
