@@ -274,7 +274,7 @@ def _rank_by_match_distances(block, rows, q_identity, identities, removed, dedup
     q_id = q_identity[rows]
     own_row, own_col = _own_identity_cells(q_id, identities)
     kept = ~removed(rows[own_row], own_col) if removed is not None else slice(None)
-    pair_row, pair_col, pair_dist, num_kept = _sorted_by_distance(block, own_row[kept], own_col[kept])
+    pair_row, pair_dist, num_kept = _match_distances_by_row(block, own_row[kept], own_col[kept])
     first_pair = np.cumsum(num_kept) - num_kept
     match_number = np.arange(len(pair_row)) - first_pair[pair_row]
     unsettled = np.bincount(pair_row, weights=np.isnan(pair_dist), minlength=num_rows) > 0
@@ -332,23 +332,18 @@ def _own_identity_cells(q_id, identities):
     return own_row, identities.columns[identities.starts[q_id[own_row]] + within]
 
 
-def _sorted_by_distance(block, pair_row, pair_col):
-    """The (row, column) pairs, grouped by row, re-ordered by distance within each row (NaN last);
-    returns (rows, columns, distances, pairs per row).
-
-    Rows hold few pairs, so a [rows, most pairs] argsort is much cheaper than lexsort on the list.
-    """
+def _match_distances_by_row(block, pair_row, pair_col):
+    """The distances of the cells (pair_row, pair_col), given grouped by row, sorted within each row (NaN
+    last); returns (row of each, the distances, cells per row). Rows hold few cells, so sorting a NaN-padded
+    [rows, most cells] array is much cheaper than lexsort on the list."""
     num_rows = block.shape[0]
-    pair_dist = block.reshape(-1)[pair_row * block.shape[1] + pair_col]
     count = np.bincount(pair_row, minlength=num_rows)
-    start = np.cumsum(count) - count
-    within = np.arange(len(pair_row)) - start[pair_row]
+    within = np.arange(len(pair_row)) - (np.cumsum(count) - count)[pair_row]
     padded = np.full((num_rows, max(1, int(count.max(initial=0)))), np.nan, dtype=block.dtype)
-    padded[pair_row, within] = pair_dist
-    # Stable, so real NaN distances stay ahead of the NaN padding of their row.
-    order = np.argsort(padded, axis=1, kind="stable")
-    order = (order + start[:, None])[np.arange(padded.shape[1]) < count[:, None]]
-    return pair_row[order], pair_col[order], pair_dist[order], count
+    padded[pair_row, within] = block.reshape(-1)[pair_row * block.shape[1] + pair_col]
+    padded.sort(axis=1)
+    # A real NaN distance sorts among the padding, but inside its row's first `count` entries all the same.
+    return pair_row, padded[np.arange(padded.shape[1]) < count[:, None]], count
 
 
 def _search_sorted_rows(sorted_rows, row, value):
