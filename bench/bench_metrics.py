@@ -5,9 +5,10 @@
     python bench/bench_metrics.py --official   # also the official loop (about 30 s more at LLCM size)
 
 Each size gets two distance matrices:
-* trained: -cosine similarity of synthetic L2-normalised float32 features (one centre per identity,
-  an offset per modality, Gaussian noise), the kind of matrix test.py passes, with the noise set so
-  that Rank-1 / mAP are near published models' (printed with the results);
+* trained: -cosine similarity of synthetic features (one centre per identity, an offset per modality,
+  Gaussian noise; float32 as a network gives them, widened to float64 and L2-normalised as
+  model.extract_features does), the float64 matrix test.py passes, with the noise set so that Rank-1 /
+  mAP are near published models' (printed with the results);
 * near chance: float64 N(0, 1) distances, same-identity pairs 1.5 closer on average (mAP below 0.25).
   True matches sit deep in every row, so most cells are within reach of one: the worst case for
   eval_metrics, which sorts each row by value (in float32) with the cells beyond the query's last
@@ -50,7 +51,8 @@ FULL_CASES = [
 QUICK_CASES = [(name, dataset, (shape[0] // 4, shape[1] // (4 if dataset is LLCM else 1)), kind, noise)
                for name, dataset, shape, kind, noise in FULL_CASES]
 FEATURE_DIM = 64
-KINDS = {"trained": "-cosine similarity of synthetic unit features, Rank-1/mAP near published models'",
+KINDS = {"trained": "-cosine similarity of synthetic unit features (float64, as test.py), Rank-1/mAP near "
+                    "published models'",
          "near chance": "N(0, 1) distances, true matches 1.5 closer: matches deep in every row"}
 
 
@@ -70,10 +72,11 @@ def make_case(rng, dataset, shape, kind, noise):
 
 
 def _modality_features(rng, centres, pids, noise):
-    """Unit float32 features: identity centre + one offset for the whole modality + noise."""
+    """Float32 features (identity centre + one offset for the whole modality + noise), widened to float64 and
+    made unit, as test.py evaluates them."""
     offset = 0.5 * rng.standard_normal(centres.shape[1]).astype(np.float32)
-    features = centres[pids] + offset + noise * rng.standard_normal((len(pids), centres.shape[1]),
-                                                                    dtype=np.float32)
+    features = (centres[pids] + offset + noise * rng.standard_normal((len(pids), centres.shape[1]),
+                                                                     dtype=np.float32)).astype(np.float64)
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 
 
