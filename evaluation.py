@@ -72,7 +72,7 @@ def reranked_distance(k1, k2, lambda_value):
     Only the gallery changes between trials, so each fusion keeps a rerank.ReusingFeatureDistances: the query
     x query distances are computed once per fusion and reused while the query embedding stays the same bit
     for bit (compared at every call, so other features or fusions never get them). At the LLCM size that
-    holds about 0.35 GB per fusion (0.45 GB for a two-feature sum) for as long as the distance lives."""
+    holds about 0.33 GB per one-feature fusion (0.42 GB for pool + bn) for as long as the distance lives."""
     feature_distances = {}                     # {fusion's feature weights: rerank.ReusingFeatureDistances}
 
     def distance(row_feats, column_feats, fusion):
