@@ -360,6 +360,19 @@ def checkpointed(module, *inputs):
 # Models
 
 
+# Stride-2 steps from the input to each stage's output map: the stem's convolution and max pool, then the first
+# block of layer2 and of layer3; layer4 keeps its input's size (last stride 1, `_backbone_parts`).
+STAGE_STRIDE2_STEPS = {"stem": 2, "layer1": 2, "layer2": 3, "layer3": 4, "layer4": 4}
+
+
+def stage_map_size(size, stage):
+    """One side of `stage`'s output map for an input side of `size` pixels: each stride-2 step ('same' padding)
+    rounds half the size up."""
+    for _ in range(STAGE_STRIDE2_STEPS[stage]):
+        size = (size - 1) // 2 + 1
+    return size
+
+
 def _backbone_parts(arch, n_stems, pretrained):
     """(stems, trunk): n_stems ResNet stems and one layer1..4 trunk, ImageNet-initialised if requested."""
     stems = [resnet.ResNetStem() for _ in range(n_stems)]
@@ -373,7 +386,31 @@ def _backbone_parts(arch, n_stems, pretrained):
     return stems, trunk
 
 
-class CrossModalNet(nn.Module):
+class NetworkBase(nn.Module):
+    """The checks every network makes the same way (IRL and AGW, DEEN, MMN, IFALNet): the image size it is built
+    for, the forward's `modal`, and activation checkpointing, which a network that has not written it refuses
+    in one line instead of ignoring. Adds no parameters or buffers."""
+
+    @classmethod
+    def check_input_size(cls, img_h, img_w):
+        """ConfigError unless the network accepts img_h x img_w inputs (here: any positive size)."""
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
+            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
+
+    @staticmethod
+    def _check_modal(modal):
+        if modal not in (0, 1, 2):
+            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
+
+    def set_grad_checkpointing(self, enabled=True):
+        """Activation checkpointing is written only for IRL and AGW (CrossModalNet): refused, never ignored."""
+        if enabled:
+            raise ConfigError(f"--grad-checkpoint is not available for {type(self).__name__} "
+                              f"(IRL, AGW and CAJ have it)")
+        return self
+
+
+class CrossModalNet(NetworkBase):
     """Common parts of IRL and AGW: modality stems, shared trunk with Non_local, GeM + BNNeck head."""
 
     method = None          # the training method's name; methods.Method.build_model sets it per instance
@@ -414,12 +451,6 @@ class CrossModalNet(nn.Module):
             return checkpointed(module, *inputs)
         return module(*inputs)
 
-    @classmethod
-    def check_input_size(cls, img_h, img_w):
-        """ConfigError unless the network accepts img_h x img_w inputs (here: any positive size)."""
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
-            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
-
     def _head(self, x):
         x_pool = gem_pool(at_least_float32(x))
         feat = self.bottleneck(x_pool)
@@ -444,10 +475,6 @@ class CrossModalNet(nn.Module):
 
     # The names of test_features' dict, in order (an empty extraction still has them).
     test_feature_names = ("pool", "bn")
-
-    def _check_modal(self, modal):
-        if modal not in (0, 1, 2):
-            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
 
     def official_unused_keys(self):
         """Keys an official checkpoint holds that this model does not use (REFERENCE 6.2), derived by rule."""

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import loss as losses
-from model import add_backbone, at_least_float32, backbone_unused_keys, bn_neck, l2_normalize
+from model import (NetworkBase, add_backbone, at_least_float32, backbone_unused_keys, bn_neck, l2_normalize,
+                   stage_map_size)
 from utils import ConfigError
 
 DEE_DROPOUT = 0.01
@@ -128,11 +129,6 @@ class DEE_module(nn.Module):
         return self.dropout(torch.cat((x, self._branch(x, 1), self._branch(x, 2)), 0))
 
 
-def _stage_size(size):
-    """Output size of a stride-2 convolution or pooling with 'same' padding (the stem's and stages')."""
-    return (size - 1) // 2 + 1
-
-
 def image_embeddings(features, blocks=3):
     """[3N, D] block-major rows (all originals, then DEE1, then DEE2) -> [N, 3D], one row per image: the dot
     product of two such rows is the sum of the three blocks' cosine similarities, so the 'sum' similarity of
@@ -145,7 +141,7 @@ def flip_sum(features, flipped_features):
     return features + flipped_features
 
 
-class DEEN(nn.Module):
+class DEEN(NetworkBase):
     """DEEN embed_net; `layer3_variant` (RegDB) pools layer3 as the official code does for RegDB."""
 
     method = "deen"
@@ -156,12 +152,9 @@ class DEEN(nn.Module):
     @classmethod
     def check_input_size(cls, img_h, img_w):
         """PNL views each [N, C/2, h, w] map as [N, C, h*w/2]: h*w must be even at every MFA resolution."""
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
-            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
-        h, w = _stage_size(_stage_size(img_h)), _stage_size(_stage_size(img_w))
+        super().check_input_size(img_h, img_w)
         for stage in ("stem", "layer2", "layer3"):
-            if stage != "stem":
-                h, w = _stage_size(h), _stage_size(w)
+            h, w = stage_map_size(img_h, stage), stage_map_size(img_w, stage)
             if h * w % 2:
                 raise ConfigError(f"DEEN needs an even number of positions at every MFA block; {img_h}x{img_w} "
                                   f"gives {h}x{w} at {stage} (384x144, 288x144, 256x128 work)")
@@ -192,14 +185,13 @@ class DEEN(nn.Module):
     def forward(self, x_rgb, x_ir, modal=0):
         """Training (modal 0): (pool [3M, D], logits [3M, C], ort_raw) with rows [orig VIS, orig IR, DEE1 VIS,
         DEE1 IR, DEE2 VIS, DEE2 IR]; test (modal 1 visible, 2 thermal): L2-normalised (pool, bn) [3N, D]."""
+        self._check_modal(modal)
         if modal == 0:
             x = torch.cat((self.visible_module(x_rgb), self.thermal_module(x_ir)), 0)
         elif modal == 1:
             x = self.visible_module(x_rgb)
-        elif modal == 2:
-            x = self.thermal_module(x_ir)
         else:
-            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
+            x = self.thermal_module(x_ir)
         base = self.base_resnet.base
         x = self.MFA1(base.layer1(x), x)
         x = self.MFA2(base.layer2(x), x)
@@ -226,11 +218,6 @@ class DEEN(nn.Module):
         return self.feat_dim * self.blocks
 
     test_feature_names = ("pool", "bn")
-
-    def set_grad_checkpointing(self, enabled=True):
-        """Activation checkpointing is not written for DEEN's blocks yet: refused in one line, never ignored."""
-        if enabled:
-            raise ConfigError("--grad-checkpoint is not available for DEEN yet (IRL, AGW and CAJ have it)")
 
     def test_features(self, images, modal, flip=False):
         """{"pool", "bn"} [N, 3D] of eval-mode images of one modality (`image_embeddings`); flip: DEEN's flip-sum."""

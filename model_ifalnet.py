@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import middle_modality as mm
-from model import (ChannelAttention, SpatialAttention, add_backbone, at_least_float32, backbone_unused_keys, bn_neck,
-                   l2_normalize)
-from utils import ConfigError
+from model import (ChannelAttention, NetworkBase, SpatialAttention, add_backbone, at_least_float32,
+                   backbone_unused_keys, bn_neck, l2_normalize)
 
 SE_REDUCTION = 16
 GENERATOR_CHANNELS = 6         # encode3's output channels, of which the SE weights select three
@@ -155,7 +154,7 @@ def concat_feature(x_1, x_2, training):
     return torch.cat((vis, middle_vis, ir, middle_ir))
 
 
-class IFALNet(nn.Module):
+class IFALNet(NetworkBase):
     """IFALNet embed_net, for any ResNet of resnet.ARCHS and any input size."""
 
     method = "ifalnet"
@@ -163,12 +162,6 @@ class IFALNet(nn.Module):
              ("thermal_moduleA", "thermal"), ("visible_moduleA", "visible"))
     num_inputs = 4
     test_feature_names = mm.TEST_FEATURE_NAMES
-
-    @classmethod
-    def check_input_size(cls, img_h, img_w):
-        """Any positive size works (every block keeps or halves the map as the stages do)."""
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
-            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
 
     def __init__(self, num_classes, arch="resnet50", img_h=384, img_w=192, pretrained=None):
         super().__init__()
@@ -227,6 +220,7 @@ class IFALNet(nn.Module):
         """Training (modal 0; x1_* visible, x2_* infrared views): (pool, logits) with rows [VIS, M-VIS, IR, M-IR].
         Test (modal 1 visible: x1_1 and x1_2; modal 2 thermal: x2_1 and x2_2; the same images to both):
         L2-normalised (pool, bn) [2N, D], the original stem's rows first, then the M-image stem's."""
+        self._check_modal(modal)
         if modal == 0:
             gray_vis = mm.gray_map(x1_2, self.encode1, self.fc1, self.bn1)
             gray_ir = mm.gray_map(x2_2, self.encode2, self.fc2, self.bn2)
@@ -236,11 +230,9 @@ class IFALNet(nn.Module):
         elif modal == 1:
             middle = self.middle_image(mm.gray_map(x1_2, self.encode1, self.fc1, self.bn1))
             x = torch.cat((self.visible_module(x1_1), self.visible_moduleA(middle)))
-        elif modal == 2:
+        else:
             middle = self.middle_image(mm.gray_map(x2_2, self.encode2, self.fc2, self.bn2))
             x = torch.cat((self.thermal_module(x2_1), self.thermal_moduleA(middle)))
-        else:
-            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
         four_blocks = modal == 0
         base = self.base_resnet.base
         residuals = None
@@ -257,11 +249,6 @@ class IFALNet(nn.Module):
     @property
     def test_feature_dim(self):
         return self.feat_dim
-
-    def set_grad_checkpointing(self, enabled=True):
-        """Activation checkpointing is not written for IFALNet's blocks: refused in one line, never ignored."""
-        if enabled:
-            raise ConfigError("--grad-checkpoint is not available for IFALNet (IRL, AGW and CAJ have it)")
 
     def test_features(self, images, modal, flip=False):
         """{"pool", "bn" (original stem), "pool_m", "bn_m" (M-image stem)}: L2-normalised [N, D] features of

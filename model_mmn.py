@@ -24,20 +24,13 @@ from torch import nn
 
 import loss as losses
 import middle_modality as mm
-from model import add_backbone, at_least_float32, backbone_unused_keys, bn_neck, l2_normalize
+from model import (NetworkBase, add_backbone, at_least_float32, backbone_unused_keys, bn_neck, l2_normalize,
+                   stage_map_size)
 from utils import ConfigError
 
 STRIPES = 4
 DCL_DIM = 256
 HEAD_PREFIX = "criterion_div"       # the official train.py's name of the DCLoss module
-
-
-def layer4_height(img_h):
-    """Height of the layer-4 map: the stem's conv and max pool, layer2 and layer3 each halve it ('same'
-    padding, stride 2); layer 4 keeps it (last stride 1)."""
-    for _ in range(4):
-        img_h = (img_h - 1) // 2 + 1
-    return img_h
 
 
 class MMNTrainOutputs(NamedTuple):
@@ -49,7 +42,7 @@ class MMNTrainOutputs(NamedTuple):
     middle_images: torch.Tensor     # the generated images [2M, 3, H, W]: M-VIS then M-IR (official `gray`)
 
 
-class MMN(nn.Module):
+class MMN(NetworkBase):
     """MMN embed_net (official keys), for any ResNet and any input whose layer-4 height divides into 4 stripes."""
 
     method = "mmn"
@@ -62,9 +55,9 @@ class MMN(nn.Module):
 
     @classmethod
     def check_input_size(cls, img_h, img_w):
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (img_h, img_w)):
-            raise ConfigError(f"image size must be positive integers, got {img_h!r}x{img_w!r}")
-        height = layer4_height(img_h)
+        """The layer-4 map's rows must divide into STRIPES equal stripes."""
+        super().check_input_size(img_h, img_w)
+        height = stage_map_size(img_h, "layer4")
         if height % STRIPES:
             raise ConfigError(f"MMN cuts the layer-4 map into {STRIPES} equal stripes, but a {img_h}-pixel height "
                               f"gives {height} rows there; use a height whose layer-4 rows (height/16, rounded up) "
@@ -108,6 +101,7 @@ class MMN(nn.Module):
     def forward(self, x_rgb, x_ir, modal=0):
         """Training (modal 0): MMNTrainOutputs with rows [VIS, M-VIS, IR, M-IR]. Test (modal 1 visible,
         2 infrared): L2-normalised (pool, bn) [2N, STRIPES*D], the images' rows then their M-images' rows."""
+        self._check_modal(modal)
         if modal == 0:
             # The official code decodes both gray maps in one call; decode is a 1x1 convolution, so per row
             # block it is the same.
@@ -116,10 +110,8 @@ class MMN(nn.Module):
                            self.thermal_module(torch.cat((x_ir, middle_ir)))))
         elif modal == 1:
             x = self.visible_module(torch.cat((x_rgb, self.middle_images(x_rgb, 1))))
-        elif modal == 2:
-            x = self.thermal_module(torch.cat((x_ir, self.middle_images(x_ir, 2))))
         else:
-            raise ConfigError(f"modal must be 0 (train), 1 (visible) or 2 (thermal), got {modal!r}")
+            x = self.thermal_module(torch.cat((x_ir, self.middle_images(x_ir, 2))))
         base = self.base_resnet.base
         x = base.layer4(base.layer3(base.layer2(base.layer1(x))))
         # float32 under autocast (float64 stays float64 for the parity tests)
@@ -142,8 +134,3 @@ class MMN(nn.Module):
         """{"pool", "bn", "pool_m", "bn_m"} [N, 4D] of eval-mode images of one modality: o = the images' rows,
         m = their middle-modality images' rows. flip: CAJ's flip averaging (an extension, off officially)."""
         return mm.test_features(self, images, modal, flip)
-
-    def set_grad_checkpointing(self, enabled=True):
-        """Activation checkpointing is not written for MMN: refused in one line, never ignored."""
-        if enabled:
-            raise ConfigError("--grad-checkpoint is not available for MMN yet (IRL, AGW and CAJ have it)")

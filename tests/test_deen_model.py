@@ -14,6 +14,8 @@ import torch
 import loss as losses
 import model as M
 import model_deen as D
+import model_ifalnet as I
+import model_mmn as X
 from conftest import GOLDEN_DIR, SPEC_GOLDEN_DIR
 from utils import CheckpointError, ConfigError
 
@@ -185,6 +187,39 @@ def test_literal_attention_is_the_official_matrix_product():
 def test_sizes_with_an_odd_position_count_are_refused_in_one_line(size):
     with pytest.raises(ConfigError, match="even number of positions"):
         D.DEEN(5, "resnet18", *size)
+
+
+def test_stage_map_size_is_the_side_of_each_stage_output():
+    """The size rule DEEN's and MMN's input checks use, against the maps the backbone really gives."""
+    net = D.DEEN(5, "resnet18", 32, 16).eval()
+    trunk = net.base_resnet.base
+    with torch.no_grad():
+        for height, width in ((33, 17), (37, 23), (64, 32), (50, 26), (19, 11)):
+            x = net.visible_module(torch.zeros(1, 3, height, width))
+            sizes = {"stem": x.shape[2:]}
+            for stage in ("layer1", "layer2", "layer3", "layer4"):
+                x = getattr(trunk, stage)(x)
+                sizes[stage] = x.shape[2:]
+            assert {stage: (M.stage_map_size(height, stage), M.stage_map_size(width, stage)) for stage in sizes} \
+                == {stage: tuple(size) for stage, size in sizes.items()}
+
+
+@pytest.mark.parametrize("network, name", [(D.DEEN, "DEEN"), (X.MMN, "MMN"), (I.IFALNet, "IFALNet")],
+                         ids=["DEEN", "MMN", "IFALNet"])
+def test_deen_mmn_and_ifalnet_make_the_checks_of_every_network(network, name):
+    """Size, modal and activation-checkpointing checks: each a one-line ConfigError (model.NetworkBase)."""
+    net = network(5, "resnet18", 64, 32)
+    for size in ((0, 32), (64.0, 32), (True, 32)):
+        with pytest.raises(ConfigError, match=r"^image size must be positive integers, got "):
+            type(net).check_input_size(*size)
+    images = torch.zeros(2, 3, 64, 32)
+    for modal in (3, -1, "1", None):
+        with pytest.raises(ConfigError, match=r"^modal must be 0 \(train\), 1 \(visible\) or 2 \(thermal\), got "):
+            net(*([images] * net.num_inputs), modal=modal)
+    assert net.set_grad_checkpointing(False) is net
+    refusal = rf"^--grad-checkpoint is not available for {name} \(IRL, AGW and CAJ have it\)$"
+    with pytest.raises(ConfigError, match=refusal):
+        net.set_grad_checkpointing(True)
 
 
 def test_whole_network_official_form_matches_ours_forward_and_backward():
