@@ -105,17 +105,20 @@ def summarise(per_trial):
             {m: reduce(r, np.std) for m, r in per_trial.items()})
 
 
+def _percent_cell(mean, std):
+    """'mean ± std' of two fractions in %, or '-' without a mean (a camera with no valid query)."""
+    return "-" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
 def results_table(mean, std, modes, title, labels=similarity.STANDARD_LABELS):
     """Rank-1/5/10/20, mAP and mINP as 'mean ± std' in %, one row per similarity mode."""
-    def cell(m, s):
-        return f"{100 * m:.2f} ± {100 * s:.2f}"
     rows = []
     for mode in modes:
         row = {"feature": labels[mode]}
         for r in RANKS:
-            row[f"Rank-{r}"] = cell(mean[mode]["cmc"][r - 1], std[mode]["cmc"][r - 1])
-        row["mAP"] = cell(mean[mode]["mAP"], std[mode]["mAP"])
-        row["mINP"] = cell(mean[mode]["mINP"], std[mode]["mINP"])
+            row[f"Rank-{r}"] = _percent_cell(mean[mode]["cmc"][r - 1], std[mode]["cmc"][r - 1])
+        row["mAP"] = _percent_cell(mean[mode]["mAP"], std[mode]["mAP"])
+        row["mINP"] = _percent_cell(mean[mode]["mINP"], std[mode]["mINP"])
         rows.append(row)
     return utils.format_table(rows, ["feature"] + [f"Rank-{r}" for r in RANKS] + ["mAP", "mINP"], title=title)
 
@@ -275,8 +278,6 @@ def by_camera_table(summary, modes, title, labels=similarity.STANDARD_LABELS, lo
     """Rank-1, mAP and mINP (mean ± std in %) per similarity mode, side and camera, and per side the gap
     between the best and the worst camera. Sides with one camera are left out (they repeat the overall
     numbers)."""
-    def cell(mean, std):
-        return "-" if mean is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
     rows = []
     for mode in modes:
         for side in ("gallery", "query"):
@@ -285,7 +286,7 @@ def by_camera_table(summary, modes, title, labels=similarity.STANDARD_LABELS, lo
                 continue
             for cam, r in cameras.items():
                 rows.append({"feature": labels[mode], "side": side, "camera": camera_label(cam, low_light),
-                             **{k: cell(r["mean"][k], r["std"][k]) for k in CAMERA_METRICS},
+                             **{k: _percent_cell(r["mean"][k], r["std"][k]) for k in CAMERA_METRICS},
                              "trials": len(r["trials"])})
             gap = summary[mode][side]["gap"]
             rows.append({"feature": labels[mode], "side": side, "camera": "gap best-worst",
