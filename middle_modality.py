@@ -3,7 +3,7 @@
 Both methods turn each input into a one-channel "gray" map with a small per-modality generator, decode it
 into a 3-channel middle-modality (M) image, and train on four row blocks [VIS, M-VIS, IR, M-IR] in one trunk
 pass. The generator convolutions are attributes of the network itself (official keys `encode1`, `fc1`,
-`bn1`, ...), so this room gives the functions that build and apply them, not a module of its own.
+`bn1`, ...), so this room gives the functions that register and apply them, not a module of its own.
 """
 import torch
 import torch.nn as nn
@@ -14,6 +14,8 @@ from similarity import Fusion
 
 # The official generators initialise every 1x1 convolution to this constant weight and a zero bias.
 GENERATOR_INIT_WEIGHT = 0.333
+# The per-modality generators, numbered as the forward's `modal`: 1 visible, 2 infrared.
+GENERATOR_MODALS = (1, 2)
 # Row blocks of the training batch, in order.
 BLOCKS = ("vis", "middle_vis", "ir", "middle_ir")
 # Test features: "pool" and "bn" of the image itself (o), "pool_m" and "bn_m" of its middle-modality image (m).
@@ -41,14 +43,45 @@ def constant_conv(in_channels, out_channels):
     return conv
 
 
-def gray_map(x, encode, fc, bn):
-    """bn(relu(fc(relu(encode(x))))): the one-channel map [N, 1, H, W] of a modality's generator."""
-    return bn(F.relu(fc(F.relu(encode(x)))))
+def add_gray_generators(net):
+    """Give `net` the per-modality generators as the official flat attributes encode1, fc1, bn1, encode2, fc2,
+    bn2, registered in that (the official parameter) order."""
+    for modal in GENERATOR_MODALS:
+        net.add_module(f"encode{modal}", constant_conv(3, 1))
+        net.add_module(f"fc{modal}", constant_conv(1, 1))
+        # The official weights_init_kaiming has no BatchNorm2d branch: the default weight 1, bias 0 stay.
+        net.add_module(f"bn{modal}", nn.BatchNorm2d(1))
+
+
+def gray_map(net, images, modal):
+    """bn(relu(fc(relu(encode(images))))) with `net`'s generator of `modal` (`add_gray_generators`): the
+    one-channel map [N, 1, H, W]."""
+    encode, fc, bn = (getattr(net, f"{part}{modal}") for part in ("encode", "fc", "bn"))
+    return bn(F.relu(fc(F.relu(encode(images)))))
 
 
 def four_blocks(x):
     """The training batch's [VIS, M-VIS, IR, M-IR] row blocks (equal sizes)."""
     return x.chunk(len(BLOCKS), 0)
+
+
+def split_original_middle(rows, training_rows):
+    """(original rows, middle-modality rows) of a batch (official chunk_feature). training_rows: the training
+    layout [VIS, M-VIS, IR, M-IR] (the forward's modal 0), giving (VIS and IR, M-VIS and M-IR); otherwise the
+    test layout [o, m] of one modality, giving its two halves."""
+    if not training_rows:
+        return rows.chunk(2, 0)
+    vis, middle_vis, ir, middle_ir = four_blocks(rows)
+    return torch.cat((vis, ir)), torch.cat((middle_vis, middle_ir))
+
+
+def join_original_middle(original, middle, training_rows):
+    """The inverse of `split_original_middle` (official concat_feature): back to [VIS, M-VIS, IR, M-IR] or [o, m]."""
+    if not training_rows:
+        return torch.cat((original, middle))
+    vis, ir = original.chunk(2, 0)
+    middle_vis, middle_ir = middle.chunk(2, 0)
+    return torch.cat((vis, middle_vis, ir, middle_ir))
 
 
 def pairwise_block_triplet(features, visible_labels, infrared_labels, triplet):
@@ -65,5 +98,6 @@ def test_features(net, images, modal, flip=False):
     gives (pool, bn) with the images' rows first, then their middle-modality images' rows: the AGW-family
     test features (model.CrossModalNet.test_features, with CAJ's row-wise flip averaging) split in two."""
     features = CrossModalNet.test_features(net, images, modal, flip=flip)
-    (pool_o, pool_m), (bn_o, bn_m) = features["pool"].chunk(2, 0), features["bn"].chunk(2, 0)
+    (pool_o, pool_m), (bn_o, bn_m) = (split_original_middle(features[name], training_rows=False)
+                                      for name in ("pool", "bn"))
     return {"pool": pool_o, "bn": bn_o, "pool_m": pool_m, "bn_m": bn_m}

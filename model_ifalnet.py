@@ -136,24 +136,6 @@ class MFA(nn.Module):
         return self.conv_o((1 - gate) * self._branch(x, 1) + gate_input + gate * self._branch(x, 2))
 
 
-def chunk_feature(x, training):
-    """Official chunk_feature: (original rows, middle rows). Training rows [VIS, M-VIS, IR, M-IR] give
-    (cat(VIS, IR), cat(M-VIS, M-IR)); test rows [original, middle] give the two halves."""
-    if not training:
-        return x.chunk(2, 0)
-    vis, middle_vis, ir, middle_ir = mm.four_blocks(x)
-    return torch.cat((vis, ir)), torch.cat((middle_vis, middle_ir))
-
-
-def concat_feature(x_1, x_2, training):
-    """Official concat_feature, the inverse of `chunk_feature`: back to [VIS, M-VIS, IR, M-IR] (or [o, m])."""
-    if not training:
-        return torch.cat((x_1, x_2))
-    vis, ir = x_1.chunk(2, 0)
-    middle_vis, middle_ir = x_2.chunk(2, 0)
-    return torch.cat((vis, middle_vis, ir, middle_ir))
-
-
 class IFALNet(NetworkBase):
     """IFALNet embed_net, for any ResNet of resnet.ARCHS and any input size."""
 
@@ -171,8 +153,7 @@ class IFALNet(NetworkBase):
         self.feat_dim = c[4]
         self.bottleneck, self.classifier = bn_neck(self.feat_dim, num_classes)
         # The middle-modality generator, as flat official attributes (middle_modality.py).
-        self.encode1, self.fc1, self.bn1 = mm.constant_conv(3, 1), mm.constant_conv(1, 1), nn.BatchNorm2d(1)
-        self.encode2, self.fc2, self.bn2 = mm.constant_conv(3, 1), mm.constant_conv(1, 1), nn.BatchNorm2d(1)
+        mm.add_gray_generators(self)
         self.encode3 = mm.constant_conv(1, GENERATOR_CHANNELS)
         self.SEnet = SELayer(GENERATOR_CHANNELS)
         self.decode = mm.constant_conv(SELECTED_CHANNELS, 3)
@@ -222,23 +203,22 @@ class IFALNet(NetworkBase):
         L2-normalised (pool, bn) [2N, D], the original stem's rows first, then the M-image stem's."""
         self._check_modal(modal)
         if modal == 0:
-            gray_vis = mm.gray_map(x1_2, self.encode1, self.fc1, self.bn1)
-            gray_ir = mm.gray_map(x2_2, self.encode2, self.fc2, self.bn2)
+            gray_vis, gray_ir = mm.gray_map(self, x1_2, 1), mm.gray_map(self, x2_2, 2)
             middle_vis, middle_ir = self.middle_image(torch.cat((gray_vis, gray_ir))).chunk(2, 0)
             x = torch.cat((self.visible_module(x1_1), self.visible_moduleA(middle_vis),
                            self.thermal_module(x2_1), self.thermal_moduleA(middle_ir)))
         elif modal == 1:
-            middle = self.middle_image(mm.gray_map(x1_2, self.encode1, self.fc1, self.bn1))
+            middle = self.middle_image(mm.gray_map(self, x1_2, 1))
             x = torch.cat((self.visible_module(x1_1), self.visible_moduleA(middle)))
         else:
-            middle = self.middle_image(mm.gray_map(x2_2, self.encode2, self.fc2, self.bn2))
+            middle = self.middle_image(mm.gray_map(self, x2_2, 2))
             x = torch.cat((self.thermal_module(x2_1), self.thermal_moduleA(middle)))
-        four_blocks = modal == 0
+        training_rows = modal == 0
         base = self.base_resnet.base
         residuals = None
         for layer, mia in ((base.layer1, self.MIA1), (base.layer2, self.MIA2), (base.layer3, self.MIA3)):
-            x_1, x_2, residuals = mia(*chunk_feature(layer(x), four_blocks), residuals)
-            x = concat_feature(x_1, x_2, four_blocks)
+            x_1, x_2, residuals = mia(*mm.split_original_middle(layer(x), training_rows), residuals)
+            x = mm.join_original_middle(x_1, x_2, training_rows)
         x = base.layer4(self.MFA(x))
         pool = at_least_float32(x).mean((2, 3))    # float32 under autocast
         feat = self.bottleneck(pool)

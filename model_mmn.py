@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import loss as losses
 import middle_modality as mm
@@ -72,11 +71,7 @@ class MMN(NetworkBase):
             bottleneck, classifier = bn_neck(self.feat_dim, num_classes)
             self.add_module(f"bottleneck{s}", bottleneck)
             self.add_module(f"classifier{s}", classifier)
-        for s in (1, 2):        # the visible (1) and the infrared (2) generator
-            self.add_module(f"encode{s}", mm.constant_conv(3, 1))
-            self.add_module(f"fc{s}", mm.constant_conv(1, 1))
-            # The official weights_init_kaiming has no BatchNorm2d branch: the default weight 1, bias 0 stay.
-            self.add_module(f"bn{s}", nn.BatchNorm2d(1))
+        mm.add_gray_generators(self)
         self.decode = mm.constant_conv(1, 3)
         self.add_module(HEAD_PREFIX, losses.DCLoss(self.feat_dim, DCL_DIM))
         getattr(self, HEAD_PREFIX).requires_grad_(train_dcl_head)
@@ -95,8 +90,7 @@ class MMN(NetworkBase):
 
     def middle_images(self, x, modal):
         """relu(decode(gray map)) of images of one modality (1 visible, 2 infrared), [N, 3, H, W]."""
-        gray = mm.gray_map(x, getattr(self, f"encode{modal}"), getattr(self, f"fc{modal}"), getattr(self, f"bn{modal}"))
-        return F.relu(self.decode(gray))
+        return F.relu(self.decode(mm.gray_map(self, x, modal)))
 
     def forward(self, x_rgb, x_ir, modal=0):
         """Training (modal 0): MMNTrainOutputs with rows [VIS, M-VIS, IR, M-IR]. Test (modal 1 visible,
@@ -120,7 +114,7 @@ class MMN(NetworkBase):
         if not self.training:
             return l2_normalize(torch.cat(pools, 1)), l2_normalize(torch.cat(feats, 1))
         head = getattr(self, HEAD_PREFIX)
-        dcl = torch.stack([head(torch.cat(mm.four_blocks(pool)[1::2])) for pool in pools])
+        dcl = torch.stack([head(mm.split_original_middle(pool, training_rows=True)[1]) for pool in pools])
         logits = tuple(getattr(self, f"classifier{s + 1}")(feat) for s, feat in enumerate(feats))
         return MMNTrainOutputs(tuple(pools), logits, dcl, torch.cat((middle_vis, middle_ir)))
 

@@ -254,15 +254,6 @@ def test_a_loaded_checkpoint_brings_the_channels_its_training_selected(single_th
 # ------------------------------------------------------------------------------------------ routing and blocks
 
 
-def test_chunk_and_concat_feature_route_the_four_blocks_as_the_official_code():
-    x = torch.arange(8.)[:, None]                              # rows VIS 0-1, M-VIS 2-3, IR 4-5, M-IR 6-7
-    original, middle = I.chunk_feature(x, training=True)
-    assert original.flatten().tolist() == [0, 1, 4, 5] and middle.flatten().tolist() == [2, 3, 6, 7]
-    assert torch.equal(I.concat_feature(original, middle, training=True), x)
-    original, middle = I.chunk_feature(x, training=False)      # test rows: original half, middle half
-    assert original.flatten().tolist() == [0, 1, 2, 3] and torch.equal(I.concat_feature(original, middle, False), x)
-
-
 def test_training_forward_sends_each_view_to_its_stem_in_one_batch(tiny_net):
     seen = {}
     for name in ("visible_module", "visible_moduleA", "thermal_module", "thermal_moduleA"):
